@@ -1,0 +1,55 @@
+"""Instantiate the parts of a run from its (Hydra) config: one place for train.py and evaluate.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from asd3d.corpus.base import Corpus
+from asd3d.evaluation.procedural import ProceduralOracle
+from asd3d.generator.base import Generator
+from asd3d.prior.base import Prior
+from asd3d.renderer.volsdf import VolSDFRenderer
+
+
+@dataclass
+class Parts:
+    """The parts every entry point needs; the distiller is only built for training."""
+
+    corpus: Corpus
+    prior: Prior
+    generator: Generator
+    renderer: VolSDFRenderer
+    oracle: ProceduralOracle | None
+
+
+def as_config(cfg: DictConfig | dict[str, Any]) -> DictConfig:
+    return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+
+
+def build_parts(cfg: DictConfig) -> Parts:
+    """Build corpus, prior, generator, renderer and (procedural corpora) the oracle."""
+    corpus = instantiate(cfg.corpus)
+    # Priors that need the corpus (the procedural one) get the object already built.
+    prior_kwargs = {"corpus": corpus} if "corpus" in cfg.prior else {}
+    prior = instantiate(cfg.prior, **prior_kwargs)
+    generator = instantiate(cfg.generator)
+    renderer = instantiate(cfg.renderer)
+    oracle = (ProceduralOracle(corpus, instantiate(cfg.ground_truth))
+              if ProceduralOracle.applies_to(corpus) else None)
+    return Parts(corpus=corpus, prior=prior, generator=generator, renderer=renderer, oracle=oracle)
+
+
+def build_system(cfg: DictConfig, run_config: dict[str, Any]):
+    """Build the LightningModule of a training run."""
+    parts = build_parts(cfg)
+    distiller = instantiate(cfg.distiller)
+    system = instantiate(cfg.system, corpus=parts.corpus, generator=parts.generator,
+                         renderer=parts.renderer, prior=parts.prior, distiller=distiller,
+                         oracle=parts.oracle)
+    # Set after instantiation: Hydra would try to instantiate the _target_ nodes inside it.
+    system.run_config = run_config
+    return system

@@ -1,0 +1,76 @@
+"""What the entry points share: user-facing errors, DDP-inside-multirun, output locations."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+from hydra.errors import HydraException, InstantiationException
+from omegaconf.errors import OmegaConfBaseException
+
+from asd3d.io import CheckpointError
+
+_DDP_ARGV_ENV = "ASD3D_DDP_JOB_ARGV"
+
+USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, HydraException, OmegaConfBaseException)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def one_line(error: BaseException) -> str:
+    """The innermost meaningful message of an error, on one line."""
+    error = _root_cause(error)
+    message = " ".join(str(error).split()) or type(error).__name__
+    return message
+
+
+@contextlib.contextmanager
+def user_errors(output_dir: Path | None = None) -> Iterator[None]:
+    """Turn bad-input errors into ``error: <one line>`` and exit 1 (``ASD3D_DEBUG=1``: traceback).
+
+    If ``output_dir`` is given and holds no checkpoint yet, it is removed so that a failed
+    start leaves nothing half-written behind.
+    """
+    try:
+        yield
+    except USER_ERRORS as error:
+        if os.environ.get("ASD3D_DEBUG"):
+            traceback.print_exc()
+        if output_dir is not None and output_dir.exists() and not any(output_dir.rglob("*.ckpt")):
+            shutil.rmtree(output_dir, ignore_errors=True)
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def restore_ddp_job_argv() -> None:
+    """In a DDP child process, replace a multirun command line by the parent's job.
+
+    Lightning's DDP launcher re-runs ``sys.argv``; inside ``python train.py -m ...`` that would
+    make rank 1 run the whole sweep (STACK.md). The parent stores its own job's command line in
+    the environment (:func:`remember_ddp_job_argv`) and children take it here.
+    """
+    stored = os.environ.get(_DDP_ARGV_ENV)
+    if stored and os.environ.get("LOCAL_RANK", "0") != "0":
+        sys.argv = [sys.argv[0], *json.loads(stored)]
+
+
+def remember_ddp_job_argv(local_rank_suffix: str = "ddp") -> None:
+    """Store this Hydra job's overrides for the DDP children (multirun only)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode.name != "MULTIRUN":
+        return
+    argv = [*hydra_cfg.overrides.task, f"hydra.run.dir={hydra_cfg.runtime.output_dir}",
+            "hydra.output_subdir=null", f"hydra.job.name={hydra_cfg.job.name}_{local_rank_suffix}"]
+    os.environ[_DDP_ARGV_ENV] = json.dumps(argv)

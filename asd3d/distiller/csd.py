@@ -1,0 +1,23 @@
+"""Classifier Score Distillation (Yu et al., 2023), compared in the paper's Tab. 3."""
+
+from __future__ import annotations
+
+from asd3d.distiller import math
+from asd3d.distiller.base import Distiller, Query, predict_batched
+from asd3d.prior.schedule import gather_abar
+
+
+class CSDDistiller(Distiller):
+    """``grad = w(t) s (eps_cond(x_t, t) - eps_uncond(x_t, t))`` (paper Eq. 5; ``s = 1`` in the
+    paper's comparison). One prior call: conditional + unconditional rows."""
+
+    def __init__(self, guidance_scale: float = 1.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.guidance_scale = float(guidance_scale)
+
+    def gradient(self, z, t, eps, conditions, predict, alphas_cumprod, t_min, group_size, generator):
+        x_t = math.add_noise(z, eps, gather_abar(alphas_cumprod, t))
+        eps_cond, eps_uncond = predict_batched(predict, [Query(x_t, t, conditions.positive),
+                                                         Query(x_t, t, conditions.negative)])
+        weight = self.weight(alphas_cumprod, t)
+        return math.csd_gradient(eps_cond, eps_uncond, weight, self.guidance_scale), None

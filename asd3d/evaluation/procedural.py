@@ -1,0 +1,96 @@
+"""Oracle scoring on the procedural world, where every test prompt's ground truth is known."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from asd3d.corpus.procedural import ProceduralCorpus
+from asd3d.evaluation.oracle import mask_iou, oracle_retrieval, psnr
+from asd3d.types import Cameras, RenderOutput
+from asd3d.world.ground_truth import GroundTruthRenderer
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    """Per-prompt oracle metrics, each averaged over the prompt's views (``P``)."""
+
+    r_at_1: Float[Tensor, "P"]
+    psnr: Float[Tensor, "P"]
+    iou: Float[Tensor, "P"]
+
+
+class ProceduralOracle:
+    """Scores renders against the ground truth of all test prompts at the same cameras.
+
+    R@1 of a view: its own prompt's ground truth is the nearest (MSE) among all ``Q`` test prompts'
+    ground truths at that camera. PSNR and mask IoU compare with the own ground truth. Renders must
+    be composited over :attr:`background_rgb`, the ground truth's background.
+    """
+
+    def __init__(self, corpus: ProceduralCorpus, ground_truth: GroundTruthRenderer,
+                 chunk_views: int = 256) -> None:
+        self.corpus = corpus
+        self.ground_truth = ground_truth
+        self.chunk_views = chunk_views
+        self.test_texts = corpus.prompts("test", range(corpus.size("test")))
+        self._index = {text: i for i, text in enumerate(self.test_texts)}
+        self._bank_key: tuple | None = None
+        self._bank: RenderOutput | None = None
+
+    @property
+    def background_rgb(self) -> tuple[float, float, float]:
+        return self.ground_truth.background_rgb
+
+    @staticmethod
+    def applies_to(corpus: object) -> bool:
+        return isinstance(corpus, ProceduralCorpus)
+
+    def bank(self, cameras: Cameras, resolution: int) -> tuple[Float[Tensor, "Q V 3 r r"], Float[Tensor, "Q V 1 r r"]]:
+        """Ground truth of every test prompt at the ``V`` cameras (computed once, then cached)."""
+        key = (resolution, cameras.c2w.cpu().numpy().tobytes(), cameras.fovy.cpu().numpy().tobytes())
+        if self._bank_key != key:
+            q, v = len(self.test_texts), len(cameras)
+            texts = [t for t in self.test_texts for _ in range(v)]
+            flat = Cameras.concat([cameras] * q)
+            rgb, opacity = [], []
+            for start in range(0, len(texts), self.chunk_views):
+                stop = start + self.chunk_views
+                out = self.ground_truth(texts[start:stop],
+                                        flat.index(torch.arange(start, min(stop, len(texts)),
+                                                                device=flat.c2w.device)), resolution)
+                rgb.append(out.rgb)
+                opacity.append(out.opacity)
+            self._bank = RenderOutput(rgb=torch.cat(rgb).view(q, v, 3, resolution, resolution),
+                                      opacity=torch.cat(opacity).view(q, v, 1, resolution, resolution),
+                                      depth=torch.empty(0))
+            self._bank_key = key
+        return self._bank.rgb, self._bank.opacity
+
+    def own_index(self, text: str) -> int:
+        if text not in self._index:
+            raise ValueError(f"prompt {text!r} is not in the corpus's test split; oracle metrics score test prompts")
+        return self._index[text]
+
+    @torch.no_grad()
+    def score(self, texts: tuple[str, ...], render: RenderOutput, cameras: Cameras) -> PromptScores:
+        """Score ``P`` prompts rendered from the same ``V`` cameras (``render`` is ``P*V`` views).
+
+        ``cameras`` are the ``V`` cameras of one prompt.
+        """
+        v = len(cameras)
+        size = render.rgb.shape[-1]
+        gt_rgb, gt_opacity = self.bank(cameras, size)
+        gt_rgb, gt_opacity = gt_rgb.to(render.rgb.device), gt_opacity.to(render.rgb.device)
+        rgb = render.rgb.view(len(texts), v, 3, size, size)
+        opacity = render.opacity.view(len(texts), v, 1, size, size)
+        r1, p, iou = [], [], []
+        for i, text in enumerate(texts):
+            own = self.own_index(text)
+            r1.append(oracle_retrieval(rgb[i], gt_rgb, own).float().mean())
+            p.append(psnr(rgb[i], gt_rgb[own]).mean())
+            iou.append(mask_iou(opacity[i], gt_opacity[own]).mean())
+        return PromptScores(torch.stack(r1), torch.stack(p), torch.stack(iou))

@@ -1,0 +1,93 @@
+"""Backgrounds: what a ray that leaves the scene box without hitting anything sees.
+
+A background maps unit view directions ``(*batch, 3)`` to colours ``(*batch, 3)`` in ``[0, 1]``;
+the renderer composites the scene over it (REFERENCE.md §4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+MAX_SH_DEGREE = 3
+
+
+def spherical_harmonics(directions: Float[Tensor, "*batch 3"], degree: int
+                        ) -> Float[Tensor, "*batch C"]:
+    """Real orthonormal spherical harmonics of bands ``l = 0..degree``: ``C = (degree + 1)^2``.
+
+    The basis (and coefficient order) of tiny-cuda-nn's ``SphericalHarmonics`` encoding, whose
+    ``n_degrees`` counts bands, i.e. equals ``degree + 1`` here. ``directions`` must be unit.
+    """
+    if not 0 <= degree <= MAX_SH_DEGREE:
+        raise ValueError(f"sh degree={degree} is outside [0, {MAX_SH_DEGREE}]")
+    x, y, z = directions.unbind(-1)
+    out = [torch.full_like(x, 0.28209479177387814)]
+    if degree >= 1:
+        out += [-0.48860251190291987 * y, 0.48860251190291987 * z, -0.48860251190291987 * x]
+    if degree >= 2:
+        xx, yy, zz = x * x, y * y, z * z
+        out += [1.0925484305920792 * x * y, -1.0925484305920792 * y * z,
+                0.94617469575755997 * zz - 0.31539156525251999, -1.0925484305920792 * x * z,
+                0.54627421529603959 * (xx - yy)]
+    if degree >= 3:
+        out += [0.59004358992664352 * y * (yy - 3 * xx), 2.8906114426405538 * x * y * z,
+                0.45704579946446572 * y * (1 - 5 * zz), 0.3731763325901154 * z * (5 * zz - 3),
+                0.45704579946446572 * x * (1 - 5 * zz), 1.4453057213202769 * z * (xx - yy),
+                0.59004358992664352 * x * (3 * yy - xx)]
+    return torch.stack(out, dim=-1)
+
+
+class DirectionalBackground(nn.Module):
+    """Learned environment colour: SH encoding of the view direction -> small MLP -> sigmoid.
+
+    The release's "neural environment map" background (REFERENCE.md §4). ``sh_degree`` is the
+    highest SH band, so the default 2 gives 9 coefficients (tiny-cuda-nn's ``n_degrees: 3``).
+    ``bias=False`` mirrors the release's bias-free MLPs.
+
+    Args:
+        sh_degree: highest spherical-harmonics band ``l`` (0-3); ``(sh_degree + 1)^2`` inputs.
+        hidden_features: width of the hidden layers.
+        num_hidden_layers: number of hidden ReLU layers (0: a linear map to colour).
+        bias: whether the linear layers have biases.
+    """
+
+    def __init__(self, sh_degree: int = 2, hidden_features: int = 16, num_hidden_layers: int = 2,
+                 bias: bool = False) -> None:
+        super().__init__()
+        if not 0 <= sh_degree <= MAX_SH_DEGREE:
+            raise ValueError(f"sh_degree={sh_degree} is outside [0, {MAX_SH_DEGREE}]")
+        if hidden_features < 1 or num_hidden_layers < 0:
+            raise ValueError(f"hidden_features={hidden_features}, num_hidden_layers="
+                             f"{num_hidden_layers} must be positive / non-negative")
+        self.sh_degree = sh_degree
+        widths = [(sh_degree + 1) ** 2] + [hidden_features] * num_hidden_layers + [3]
+        layers: list[nn.Module] = []
+        for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            layers.append(nn.Linear(w_in, w_out, bias=bias))
+            if i < len(widths) - 2:
+                layers.append(nn.ReLU(inplace=True))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, directions: Float[Tensor, "*batch 3"]) -> Float[Tensor, "*batch 3"]:
+        directions = nn.functional.normalize(directions, dim=-1)
+        return torch.sigmoid(self.mlp(spherical_harmonics(directions, self.sh_degree)))
+
+
+class SolidBackground(nn.Module):
+    """A fixed colour in every direction (no parameters): ground-truth renders and tests."""
+
+    rgb: Tensor
+
+    def __init__(self, rgb: Sequence[float] = (1.0, 1.0, 1.0)) -> None:
+        super().__init__()
+        if len(rgb) != 3 or not all(0.0 <= float(c) <= 1.0 for c in rgb):
+            raise ValueError(f"rgb={tuple(rgb)} must be three values in [0, 1]")
+        # Non-persistent: a colour from config, not state to checkpoint.
+        self.register_buffer("rgb", torch.tensor([float(c) for c in rgb]), persistent=False)
+
+    def forward(self, directions: Float[Tensor, "*batch 3"]) -> Float[Tensor, "*batch 3"]:
+        return self.rgb.to(directions.dtype).expand(*directions.shape[:-1], 3)

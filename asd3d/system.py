@@ -1,0 +1,204 @@
+"""The LightningModule: wires corpus, generator, renderer, prior and distiller; owns nothing clever.
+
+Prompt-specific and amortized runs are the same system (prompt-specific = a corpus of one prompt
+and a non-amortized generator). The frozen prior is held outside the module tree: it is never in
+a checkpoint, never wrapped by DDP, and moved to the device by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from asd3d.cameras import CameraSampler, orbit_cameras
+from asd3d.corpus.base import Corpus
+from asd3d.corpus.dataset import PromptDataset, collate_prompts
+from asd3d.distiller.base import Distiller
+from asd3d.evaluation.media import image_grid, save_png
+from asd3d.evaluation.oracle import OracleMetrics
+from asd3d.evaluation.procedural import ProceduralOracle
+from asd3d.generator.base import Generator
+from asd3d.prior.base import Prior
+from asd3d.regularisers import Regularisers
+from asd3d.renderer.volsdf import VolSDFRenderer
+from asd3d.types import PromptBatch
+
+
+class DistillationSystem(pl.LightningModule):
+    """Trains a text-to-3D generator by distilling a frozen 2D prior.
+
+    Args:
+        corpus, generator, renderer, prior, distiller: the parts (one Hydra group each).
+        camera_sampler: training cameras (REFERENCE.md §5).
+        regularisers: sparsity / opaqueness / eikonal terms with scheduled weights.
+        optimizer: a partial optimizer; finished here with one parameter group per part.
+        lr_generator, lr_renderer: learning rates of the generator and the renderer's background.
+        render_resolution: side of the training renders.
+        prompts_per_step: prompts per step per process (the views per prompt come from the sampler).
+        max_steps: length of the run; schedules read ``global_step / max_steps``.
+        oracle: ground-truth metrics, when the corpus is procedural (``None`` otherwise).
+        validation: ``num_views``, ``elevation_deg``, ``distance``, ``fovy_deg``, ``resolution``
+            of the validation orbit.
+        image_every_n_steps: how often a grid of training renders is written/logged (0: never).
+        seed: base seed; each process draws cameras and noise from ``seed + rank``.
+    """
+
+    def __init__(self, corpus: Corpus, generator: Generator, renderer: VolSDFRenderer, prior: Prior,
+                 distiller: Distiller, camera_sampler: CameraSampler, regularisers: Regularisers,
+                 optimizer: Callable[..., torch.optim.Optimizer], lr_generator: float,
+                 lr_renderer: float, render_resolution: int, prompts_per_step: int, max_steps: int,
+                 validation: dict[str, Any], oracle: ProceduralOracle | None = None,
+                 image_every_n_steps: int = 0, seed: int = 0, num_workers: int = 0,
+                 run_config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.corpus = corpus
+        self.generator = generator
+        self.renderer = renderer
+        object.__setattr__(self, "prior", prior)  # frozen: outside the module tree on purpose
+        self.distiller = distiller
+        self.camera_sampler = camera_sampler
+        self.regularisers = regularisers
+        self.optimizer_factory = optimizer
+        self.lr_generator = lr_generator
+        self.lr_renderer = lr_renderer
+        self.render_resolution = render_resolution
+        self.prompts_per_step = prompts_per_step
+        self.max_steps = max_steps
+        self.validation = dict(validation)
+        self.oracle = oracle
+        self.image_every_n_steps = image_every_n_steps
+        self.seed = seed
+        self.num_workers = num_workers
+        self.run_config = run_config or {}
+        self.val_metrics = OracleMetrics()
+        self._rng: torch.Generator | None = None
+
+    # ------------------------------------------------------------------ data
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self._trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_and_world()
+        dataset = PromptDataset(self.corpus, "train")
+        # Each rank takes its own shard of prompts (DESIGN.md §4); the sampler only holds indices.
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=self.seed, drop_last=False)
+        return DataLoader(dataset, batch_size=self.prompts_per_step, sampler=sampler,
+                          collate_fn=collate_prompts, num_workers=self.num_workers, drop_last=False)
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = self._rank_and_world()
+        dataset = PromptDataset(self.corpus, "test")
+        # Strided shards without the padding DistributedSampler adds, so each test prompt counts once.
+        shard = Subset(dataset, range(rank, len(dataset), world))
+        return DataLoader(shard, batch_size=self.prompts_per_step, collate_fn=collate_prompts)
+
+    def transfer_batch_to_device(self, batch: PromptBatch, device: torch.device,
+                                 dataloader_idx: int) -> PromptBatch:
+        return dataclasses.replace(batch, ids=batch.ids.to(device))
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def fraction(self) -> float:
+        """Progress through the run in [0, 1]: what every schedule reads."""
+        return min(self.global_step / max(self.max_steps, 1), 1.0)
+
+    def embed(self, prompts: PromptBatch) -> PromptBatch:
+        """Attach the prior's text embeddings (token states and pooled vector) to the prompts."""
+        embedding = self.prior.encode_text(list(prompts.texts))
+        return PromptBatch(ids=prompts.ids.to(self.device), texts=prompts.texts,
+                           tokens=embedding.tokens.to(self.device),
+                           pooled=embedding.pooled.to(self.device))
+
+    def on_fit_start(self) -> None:
+        self.prior.to(self.device)
+        self.val_metrics.reset()  # ddp_spawn may share metric state across ranks (STACK.md)
+        rank, _ = self._rank_and_world()
+        self._rng = torch.Generator(device=self.device).manual_seed(self.seed + rank)
+
+    def on_validation_start(self) -> None:
+        self.prior.to(self.device)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> torch.Tensor:
+        prompts = self.embed(batch)
+        cameras = self.camera_sampler.sample(len(prompts), generator=self._rng, device=self.device)
+        field = self.generator(prompts, generator=self._rng)
+        render = self.renderer(field, cameras, self.render_resolution, self.render_resolution,
+                               generator=self._rng)
+        z = self.prior.encode_images(render.rgb, generator=self._rng)
+        distilled = self.distiller(z, self.prior.condition(prompts, cameras), self.prior.predict_eps,
+                                   self.prior.alphas_cumprod, self.fraction,
+                                   group_size=cameras.views_per_prompt, generator=self._rng)
+        regularisation = self.regularisers(render, self.fraction)
+        loss = distilled.loss + regularisation["total"]
+
+        logs = {"train/loss": loss.detach(), "train/distill_loss": distilled.loss.detach()}
+        logs.update({f"train/{k}": v.detach() for k, v in distilled.metrics().items()})
+        logs.update({f"train/reg_{k}": v.detach() for k, v in regularisation.items() if k != "total"})
+        t_min, t_max = self.distiller.timestep_range(self.fraction)
+        logs.update({"train/t_min": float(t_min), "train/t_max": float(t_max)})
+        self.log_dict(logs, prog_bar=False, batch_size=len(prompts))
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=len(prompts))
+        if self.image_every_n_steps and self.global_step % self.image_every_n_steps == 0:
+            self._log_images("train/renders", render.rgb.detach())
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norms = [p.grad.detach().norm() for p in self.generator.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm_generator", torch.stack(norms).norm(), batch_size=1)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = [{"params": [p for p in self.generator.parameters() if p.requires_grad],
+                   "lr": self.lr_generator, "name": "generator"}]
+        renderer_params = [p for p in self.renderer.parameters() if p.requires_grad]
+        if renderer_params:
+            groups.append({"params": renderer_params, "lr": self.lr_renderer, "name": "renderer"})
+        return self.optimizer_factory(groups)
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        if self.oracle is None:
+            return
+        prompts = self.embed(batch)
+        cfg = self.validation
+        cameras = orbit_cameras(cfg["num_views"], cfg["elevation_deg"], cfg["distance"],
+                                cfg["fovy_deg"], num_prompts=len(prompts)).to(self.device)
+        field = self.generator(prompts, generator=torch.Generator(self.device).manual_seed(self.seed))
+        white = torch.tensor(self.oracle.background_rgb, device=self.device).expand(len(cameras), 3)
+        render = self.renderer(field, cameras, cfg["resolution"], cfg["resolution"],
+                               background_rgb=white)
+        metrics = self.oracle.score(prompts.texts, render, cameras.index(torch.arange(cfg["num_views"])))
+        self.val_metrics.update(metrics.r_at_1, metrics.psnr, metrics.iou)
+        if batch_idx == 0:
+            self._log_images("val/renders", render.rgb[:: cfg["num_views"] // 4 or 1])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.oracle is None:
+            return
+        values = self.val_metrics.compute()
+        self.log_dict({f"val/{k}": v for k, v in values.items()}, sync_dist=False, batch_size=1)
+        self.val_metrics.reset()
+
+    # ------------------------------------------------------------------ outputs
+    def _log_images(self, key: str, images: torch.Tensor) -> None:
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        grid = image_grid(images.float().cpu(), nrow=min(8, len(images)))
+        out_dir = Path(self.trainer.default_root_dir) / "images"
+        save_png(grid, out_dir / f"{key.replace('/', '_')}_{self.global_step:06d}.png")
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key=key, images=[grid.permute(1, 2, 0).numpy()], step=self.global_step)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The resolved config travels with the weights: evaluate.py needs only the checkpoint.
+        checkpoint["asd3d_config"] = self.run_config

@@ -1,0 +1,26 @@
+"""Train a text-to-3D generator by score distillation.
+
+    python train.py                                   # defaults: procedural world, 3DConv, ASD
+    python train.py experiment=quickstart             # minutes on a laptop CPU
+    python train.py generator=3dconv prior=mvdream corpus=dl17k
+    python train.py -m distiller.eta=0,0.1,0.2        # a sweep
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from asd3d.cli import restore_ddp_job_argv
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from asd3d.training import run_training
+
+    return run_training(cfg)
+
+
+if __name__ == "__main__":
+    restore_ddp_job_argv()
+    main()
