@@ -20,7 +20,7 @@ from asd3d.cameras import CameraSampler, orbit_cameras
 from asd3d.corpus.base import Corpus
 from asd3d.corpus.dataset import PromptDataset, collate_prompts
 from asd3d.distiller.base import Distiller
-from asd3d.evaluation.media import image_grid, save_png
+from asd3d.evaluation.media import enlarge, image_grid, save_png
 from asd3d.evaluation.oracle import OracleMetrics
 from asd3d.evaluation.procedural import ProceduralOracle
 from asd3d.generator.base import Generator
@@ -192,7 +192,7 @@ class DistillationSystem(pl.LightningModule):
     def _log_images(self, key: str, images: torch.Tensor) -> None:
         if self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
-        grid = image_grid(images.float().cpu(), nrow=min(8, len(images)))
+        grid = image_grid(enlarge(images.float().cpu(), 96), nrow=min(8, len(images)))
         out_dir = Path(self.trainer.default_root_dir) / "images"
         save_png(grid, out_dir / f"{key.replace('/', '_')}_{self.global_step:06d}.png")
         for logger in self.loggers:

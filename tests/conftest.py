@@ -33,7 +33,6 @@ TINY = [
     "system.image_every_n_steps=0",
     "trainer.max_steps=3",
     "trainer.val_check_interval=3",
-    "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "callbacks.checkpoint.every_n_train_steps=3",
 ]

@@ -19,7 +19,19 @@ from torch import Tensor
 
 from asd3d.io import atomic_path
 
-__all__ = ["contact_sheet", "image_grid", "save_png", "to_uint8", "write_turntable"]
+__all__ = ["contact_sheet", "enlarge", "image_grid", "save_png", "to_uint8", "write_turntable"]
+
+
+def enlarge(images: Float[Tensor, "*B 3 H W"], min_size: int) -> Float[Tensor, "*B 3 H2 W2"]:
+    """Nearest-neighbour upscale by an integer factor so the shorter side is at least ``min_size``.
+
+    Low-resolution training renders (32²) are unreadable at their own size; integer nearest
+    upscaling keeps every pixel visible as it is.
+    """
+    factor = max(1, -(-min_size // min(images.shape[-2:])))
+    if factor == 1:
+        return images
+    return images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
 
 
 def to_uint8(images: Tensor | np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from asd3d.build import Parts, as_config, build_parts
 from asd3d.cameras import orbit_cameras
 from asd3d.cli import user_errors
-from asd3d.evaluation.media import contact_sheet, save_png, write_turntable
+from asd3d.evaluation.media import contact_sheet, enlarge, save_png, write_turntable
 from asd3d.io import atomic_write_text, load_checkpoint
 from asd3d.types import Cameras, PromptBatch, RenderOutput
 
@@ -91,15 +91,15 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
             entry.update(oracle_r1=float(scores.r_at_1[0]), psnr=float(scores.psnr[0]),
                          mask_iou=float(scores.iou[0]))
         video = out_dir / "turntables" / f"{index:05d}_{_slug(text)}.{cfg.turntable_format}"
-        write_turntable(render.rgb.cpu(), video, fps=int(cfg.turntable_fps))
+        write_turntable(enlarge(render.rgb.cpu(), 256), video, fps=int(cfg.turntable_fps))
         entry["turntable"] = str(video.relative_to(out_dir))
         per_prompt.append(entry)
-        views = render.rgb[::sheet_step].cpu()
+        views = enlarge(render.rgb[::sheet_step].cpu(), 96)
         sheet_images.extend(views)
         sheet_labels.extend([text] + [""] * (len(views) - 1))
         if parts.oracle is not None:
             gt, _ = parts.oracle.bank(cameras, resolution)
-            sheet_images.extend(gt[parts.oracle.own_index(text), ::sheet_step].cpu())
+            sheet_images.extend(enlarge(gt[parts.oracle.own_index(text), ::sheet_step].cpu(), 96))
             sheet_labels.extend(["ground truth"] + [""] * (len(views) - 1))
 
     metric_names = [k for k in ("oracle_r1", "psnr", "mask_iou") if per_prompt and k in per_prompt[0]]

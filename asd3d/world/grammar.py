@@ -20,14 +20,15 @@ it sees ``+y`` on its right):
 * ``to the left of`` = ``-y``, ``to the right of`` = ``+y`` (as seen from the front camera),
 * ``next to`` = the horizontal diagonal ``(+x, +y) / sqrt 2`` (in front and to the right),
 
-with a gap of ``0.04`` between objects in horizontal relations. Objects are placed in reading
+with a gap of ``0.06`` between objects in horizontal relations. Objects are placed in reading
 order: object ``j + 1`` goes from object ``j`` opposite to relation ``j``'s direction, just
 beyond the bounding box of everything placed so far, so no two objects ever overlap. The scene's
 bounding box is then centred at the origin, and a scene whose object boxes would leave the ball
-of radius ``0.7`` is shrunk uniformly to fit it (never with two objects; ~4% of three-object
-scenes, long chains of large objects).
-Sizes are scales ``0.12 / 0.17 / 0.22`` (a unit primitive spans about ``[-1, 1]``), so a small
-object is ~3 pixels wide in a 32x32 render at distance 1.5 and 70 degrees of field of view.
+of radius ``0.8`` is shrunk uniformly to fit it (two large stacked objects and long chains of
+three objects).
+Sizes are scales ``0.18 / 0.25 / 0.32`` (a unit primitive spans about ``[-1, 1]``), so a small
+object is ~5 pixels wide in a 32x32 render at distance 1.5 and 70 degrees of field of view: the
+scene fills most of the evaluation views, as a real object does.
 
 Note: "A on top of B" and "B under A" (and the left/right, front/behind pairs) describe the same
 geometry; they are different prompts with equal scenes.
@@ -42,7 +43,7 @@ from collections.abc import Iterable, Sequence
 from asd3d.world.primitives import PRIMITIVES
 from asd3d.world.scene import SceneObject, SceneSpec
 
-SIZES: tuple[tuple[str, float], ...] = (("small", 0.12), ("medium", 0.17), ("large", 0.22))
+SIZES: tuple[tuple[str, float], ...] = (("small", 0.18), ("medium", 0.25), ("large", 0.32))
 """Size words and their scales (world units per unit primitive)."""
 
 COLOURS: tuple[tuple[str, tuple[float, float, float]], ...] = (
@@ -63,7 +64,7 @@ COLOURS: tuple[tuple[str, tuple[float, float, float]], ...] = (
 SHAPES: tuple[str, ...] = tuple(p.name for p in PRIMITIVES)
 """Shape words (``asd3d.world.primitives``)."""
 
-_HORIZONTAL_GAP = 0.04
+_HORIZONTAL_GAP = 0.06
 _DIAGONAL = 1.0 / math.sqrt(2.0)
 RELATIONS: tuple[tuple[str, tuple[float, float, float], float], ...] = (
     ("on top of", (0.0, 0.0, 1.0), 0.0),
@@ -77,7 +78,7 @@ RELATIONS: tuple[tuple[str, tuple[float, float, float], float], ...] = (
 """Relation phrases: direction of the first object as seen from the second, and the gap."""
 
 MAX_OBJECTS = 3
-MAX_RADIUS = 0.7
+MAX_RADIUS = 0.8
 NUM_OBJECT_CODES = len(SIZES) * len(COLOURS) * len(SHAPES)  # 240
 
 _SIZE_IDS = {name: i for i, (name, _) in enumerate(SIZES)}

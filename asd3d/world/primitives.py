@@ -9,8 +9,9 @@ pyramid use the maximum of their face-plane distances: exact wherever the neares
 lies on a face (everywhere inside), a lower bound near edges and vertices outside. A lower bound
 keeps ``|sdf|`` from overshooting, which is all sphere tracing and the VolSDF density need.
 
-The functions take the coordinates ``x, y, z`` as separate tensors and are written with few temporaries (one scene batch is
-millions of points) and without in-place ops, so autograd through the points works (normals).
+The functions take the local coordinates ``x, y, z`` as separate same-shaped tensors, use few
+temporaries (one scene batch is millions of points) and no in-place ops, so autograd through the
+points works (normals, eikonal checks).
 """
 
 from __future__ import annotations

@@ -134,5 +134,11 @@ class ProceduralTextEncoder:
         tokens = tokens.scatter(1, end, pooled.unsqueeze(1))
         return TextEmbedding(tokens=tokens.to(self.device), pooled=pooled.to(self.device))
 
+    def to(self, device: torch.device | str) -> ProceduralTextEncoder:
+        """Return embeddings on ``device`` from now on (the tables stay on the CPU: they are
+        gathered per call and tiny)."""
+        self.device = torch.device(device)
+        return self
+
     def __call__(self, texts: list[str]) -> TextEmbedding:
         return self.encode(texts)

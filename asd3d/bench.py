@@ -1,0 +1,156 @@
+"""``make bench``: the system's overhead over a bare PyTorch loop, and DDP scaling on CPU.
+
+Both are reported as ratios (the machines are noisy; nothing here is asserted in tests):
+
+* overhead = time per step of ``DistillationSystem`` under the Lightning Trainer / time per step
+  of a hand-written loop over the very same modules (target: <= 1.10);
+* DDP scaling = prompts per second with 2 processes (gloo, one thread each) / with 1 process
+  (one thread) on the quickstart experiment (target: >= 1.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class StepTimer(pl.Callback):
+    """Writes the wall time of steps ``[warmup, max_steps)`` to ``path`` (rank 0)."""
+
+    def __init__(self, path: str, warmup: int = 5) -> None:
+        self.path, self.warmup, self.start = path, warmup, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and self.start is not None:
+            steps = trainer.global_step - self.warmup
+            Path(self.path).write_text(json.dumps({"steps": steps, "seconds": time.perf_counter() - self.start,
+                                                   "world_size": trainer.world_size}))
+
+
+def _compose(overrides: list[str], output_dir: Path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(REPO)
+        cfg.paths.output_dir = str(output_dir)
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def bare_loop_seconds(system, steps: int, warmup: int) -> float:
+    """The same work as ``training_step`` + Adam, without Lightning: the reference loop."""
+    system.on_fit_start = lambda: None
+    system.prior.to("cpu")
+    rng = torch.Generator().manual_seed(0)
+    optimizer = system.configure_optimizers()
+    loader = system.train_dataloader()
+    batches = iter(loader)
+    start = None
+    for step in range(steps + warmup):
+        if step == warmup:
+            start = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        prompts = system.embed(batch)
+        cameras = system.camera_sampler.sample(len(prompts), generator=rng)
+        field = system.generator(prompts, generator=rng)
+        render = system.renderer(field, cameras, system.render_resolution, system.render_resolution,
+                                 generator=rng)
+        z = system.prior.encode_images(render.rgb, generator=rng)
+        distilled = system.distiller(z, system.prior.condition(prompts, cameras), system.prior.predict_eps,
+                                     system.prior.alphas_cumprod, step / steps, generator=rng)
+        loss = distilled.loss + system.regularisers(render, step / steps)["total"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def system_seconds(steps: int, warmup: int, overrides: list[str]) -> float:
+    out = Path(tempfile.mkdtemp(prefix="asd3d-bench-"))
+    timer_file = out / "timer.json"
+    from asd3d.build import build_system
+
+    cfg = _compose(overrides, out)
+    system = build_system(cfg, {})
+    trainer = pl.Trainer(max_steps=steps + warmup, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0, accelerator="cpu", use_distributed_sampler=False,
+                         callbacks=[StepTimer(str(timer_file), warmup)])
+    trainer.fit(system)
+    return json.loads(timer_file.read_text())["seconds"]
+
+
+def ddp_prompts_per_second(devices: int, steps: int, warmup: int) -> float:
+    out = Path(tempfile.mkdtemp(prefix="asd3d-bench-ddp-"))
+    timer = out / "timer.json"
+    cmd = [sys.executable, str(REPO / "train.py"), "experiment=quickstart", "logger=none",
+           f"trainer.max_steps={steps + warmup}", "trainer.val_check_interval=100000",
+           "system.image_every_n_steps=0", "~callbacks.checkpoint", "~callbacks.progress_bar",
+           "trainer.accelerator=cpu", f"trainer.devices={devices}", f"hydra.run.dir={out / 'run'}",
+           "+callbacks.timer._target_=asd3d.bench.StepTimer", f"+callbacks.timer.path={timer}",
+           f"+callbacks.timer.warmup={warmup}"]
+    if devices > 1:
+        cmd.append("trainer.strategy=ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
+    result = json.loads(timer.read_text())
+    prompts_per_step = 4 * result["world_size"]
+    return result["steps"] * prompts_per_step / result["seconds"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(1)
+    pl.seed_everything(0, verbose=False)
+    overrides = ["experiment=quickstart", "logger=none", "system.image_every_n_steps=0"]
+
+    from asd3d.build import build_system
+
+    bare, system = [], []
+    for _ in range(args.repeats):  # interleaved, best of N: the machine is shared and noisy
+        bare.append(bare_loop_seconds(build_system(_compose(overrides, Path(tempfile.mkdtemp())), {}),
+                                      args.steps, args.warmup))
+        system.append(system_seconds(args.steps, args.warmup, overrides))
+    t_bare, t_system = min(bare) / args.steps, min(system) / args.steps
+    print(f"quickstart step, bare PyTorch loop : {1000 * t_bare:7.1f} ms")
+    print(f"quickstart step, asd3d system      : {1000 * t_system:7.1f} ms")
+    print(f"system / bare                      : {t_system / t_bare:7.3f}  (target <= 1.10)")
+
+    one = max(ddp_prompts_per_second(1, args.steps, args.warmup) for _ in range(args.repeats))
+    two = max(ddp_prompts_per_second(2, args.steps, args.warmup) for _ in range(args.repeats))
+    print(f"prompts/s, 1 process (1 thread)    : {one:7.2f}")
+    print(f"prompts/s, 2 DDP processes (gloo)  : {two:7.2f}")
+    print(f"DDP 2 / 1                          : {two / one:7.3f}  (target >= 1.8)")
+
+
+if __name__ == "__main__":
+    main()
