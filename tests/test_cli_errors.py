@@ -23,22 +23,28 @@ def assert_clean_failure(result, run_dir, *needles):
 @pytest.mark.parametrize(
     ("overrides", "needles"),
     [
-        (["distiller.eta=1.5"], ["eta=1.5", "[0, 1]"]),
-        (["corpus=mg15", "paths.corpora_dir=/nonexistent/corpora"], ["/nonexistent/corpora", "not found"]),
+        (["distiller=asd", "distiller.eta=1.5"], ["eta=1.5", "[0, 1]"]),
         (["corpus.num_prompts=0"], ["num_prompts=0"]),
     ],
-    ids=["eta-out-of-range", "missing-corpus-file", "empty-procedural-corpus"],
+    ids=["eta-out-of-range", "empty-procedural-corpus"],
 )
 def test_bad_training_inputs(tmp_path, overrides, needles):
     run_dir = tmp_path / "run"
     assert_clean_failure(train(run_dir, *overrides), run_dir, "error:", *needles)
 
 
+def test_missing_corpus_file(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_entry("train.py", "corpus=mg15", "paths.corpora_dir=/nonexistent/corpora",
+                       f"hydra.run.dir={run_dir}")
+    assert_clean_failure(result, run_dir, "error:", "/nonexistent/corpora", "not found")
+
+
 def test_empty_corpus_file(tmp_path):
     corpus = tmp_path / "empty_prompt_library.json"
     corpus.write_text(json.dumps({"train": [], "val": [], "test": []}))
     run_dir = tmp_path / "run"
-    result = train(run_dir, "corpus=mg15", f"corpus.path={corpus}")
+    result = run_entry("train.py", "corpus=mg15", f"corpus.path={corpus}", f"hydra.run.dir={run_dir}")
     assert_clean_failure(result, run_dir, "error:", str(corpus))
 
 

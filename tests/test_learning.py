@@ -11,7 +11,7 @@ FAST = [
     "logger=csv",
     "corpus.num_prompts=4",
     "corpus.num_test_prompts=4",
-    "system.render_resolution=24",
+    "system.render_resolution=32",
     "system.prompts_per_step=4",
     "system.validation.num_views=4",
     "system.image_every_n_steps=0",
@@ -36,10 +36,11 @@ def train_and_score(tmp_path, steps: int, extra=()):
 
 
 def test_sds_learns_the_procedural_world(tmp_path):
-    before, after = train_and_score(tmp_path, steps=150)
-    assert after["val/psnr"] > before["val/psnr"] + 4.0, (before, after)
-    assert after["val/mask_iou"] > before["val/mask_iou"] + 0.3, (before, after)
-    assert after["val/oracle_r1"] >= 0.5, (before, after)
+    # Measured: R@1 0 -> 1.0, PSNR 15.2 -> 24.4 dB, IoU 0.35 -> 0.77 (seed 0, ~65 s on 2 cores).
+    before, after = train_and_score(tmp_path, steps=220)
+    assert after["val/psnr"] > before["val/psnr"] + 5.0, (before, after)
+    assert after["val/mask_iou"] > before["val/mask_iou"] + 0.2, (before, after)
+    assert after["val/oracle_r1"] >= 0.75, (before, after)
 
 
 @pytest.mark.slow

@@ -130,6 +130,10 @@ class SynthesisLayer(nn.Module):
             x = x + _randn((x.shape[0], 1, r, r, r), generator, x) * self.noise_strength
         elif noise_mode == "const":
             x = x + self.noise_const * self.noise_strength
+        else:
+            # "off": no noise, but the strength stays in the graph (with zero gradient) so DDP
+            # does not fail on an unused parameter and checkpoints keep the release's keys.
+            x = x + 0.0 * self.noise_strength
         x = F.leaky_relu(x + self.bias[None, :, None, None, None], 0.2)
         return torch.clamp(x * _LRELU_GAIN, -_CLAMP, _CLAMP)
 
