@@ -1,6 +1,6 @@
 """Evaluate a trained generator: 120 views per prompt, metrics, turntables, a contact sheet.
 
-    python evaluate.py ckpt=outputs/train/runs/<time>/checkpoints/last.ckpt
+python evaluate.py ckpt=outputs/train/runs/<time>/checkpoints/last.ckpt
 """
 
 from __future__ import annotations

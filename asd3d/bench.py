@@ -29,7 +29,8 @@ class StepTimer(pl.Callback):
     """Writes the wall time of steps ``[warmup, max_steps)`` to ``path`` (rank 0)."""
 
     def __init__(self, path: str, warmup: int = 5) -> None:
-        self.path, self.warmup, self.start = path, warmup, None
+        self.path, self.warmup = path, warmup
+        self.start: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.warmup:
@@ -38,8 +39,15 @@ class StepTimer(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and self.start is not None:
             steps = trainer.global_step - self.warmup
-            Path(self.path).write_text(json.dumps({"steps": steps, "seconds": time.perf_counter() - self.start,
-                                                   "world_size": trainer.world_size}))
+            Path(self.path).write_text(
+                json.dumps(
+                    {
+                        "steps": steps,
+                        "seconds": time.perf_counter() - self.start,
+                        "world_size": trainer.world_size,
+                    }
+                )
+            )
 
 
 def _compose(overrides: list[str], output_dir: Path):
@@ -65,7 +73,7 @@ def bare_loop_seconds(system, steps: int, warmup: int) -> float:
     optimizer = system.configure_optimizers()
     loader = system.train_dataloader()
     batches = iter(loader)
-    start = None
+    start = time.perf_counter()
     for step in range(steps + warmup):
         if step == warmup:
             start = time.perf_counter()
@@ -77,11 +85,18 @@ def bare_loop_seconds(system, steps: int, warmup: int) -> float:
         prompts = system.embed(batch)
         cameras = system.camera_sampler.sample(len(prompts), generator=rng)
         field = system.generator(prompts, generator=rng)
-        render = system.renderer(field, cameras, system.render_resolution, system.render_resolution,
-                                 generator=rng)
+        render = system.renderer(
+            field, cameras, system.render_resolution, system.render_resolution, generator=rng
+        )
         z = system.prior.encode_images(render.rgb, generator=rng)
-        distilled = system.distiller(z, system.prior.condition(prompts, cameras), system.prior.predict_eps,
-                                     system.prior.alphas_cumprod, step / steps, generator=rng)
+        distilled = system.distiller(
+            z,
+            system.prior.condition(prompts, cameras),
+            system.prior.predict_eps,
+            system.prior.alphas_cumprod,
+            step / steps,
+            generator=rng,
+        )
         loss = distilled.loss + system.regularisers(render, step / steps)["total"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -96,10 +111,18 @@ def system_seconds(steps: int, warmup: int, overrides: list[str]) -> float:
 
     cfg = _compose(overrides, out)
     system = build_system(cfg, {})
-    trainer = pl.Trainer(max_steps=steps + warmup, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         num_sanity_val_steps=0, accelerator="cpu", use_distributed_sampler=False,
-                         callbacks=[StepTimer(str(timer_file), warmup)])
+    trainer = pl.Trainer(
+        max_steps=steps + warmup,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        use_distributed_sampler=False,
+        callbacks=[StepTimer(str(timer_file), warmup)],
+    )
     trainer.fit(system)
     return json.loads(timer_file.read_text())["seconds"]
 
@@ -107,12 +130,23 @@ def system_seconds(steps: int, warmup: int, overrides: list[str]) -> float:
 def ddp_prompts_per_second(devices: int, steps: int, warmup: int) -> float:
     out = Path(tempfile.mkdtemp(prefix="asd3d-bench-ddp-"))
     timer = out / "timer.json"
-    cmd = [sys.executable, str(REPO / "train.py"), "experiment=quickstart", "logger=none",
-           f"trainer.max_steps={steps + warmup}", "trainer.val_check_interval=100000",
-           "system.image_every_n_steps=0", "~callbacks.checkpoint", "~callbacks.progress_bar",
-           "trainer.accelerator=cpu", f"trainer.devices={devices}", f"hydra.run.dir={out / 'run'}",
-           "+callbacks.timer._target_=asd3d.bench.StepTimer", f"+callbacks.timer.path={timer}",
-           f"+callbacks.timer.warmup={warmup}"]
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "experiment=quickstart",
+        "logger=none",
+        f"trainer.max_steps={steps + warmup}",
+        "trainer.val_check_interval=100000",
+        "system.image_every_n_steps=0",
+        "~callbacks.checkpoint",
+        "~callbacks.progress_bar",
+        "trainer.accelerator=cpu",
+        f"trainer.devices={devices}",
+        f"hydra.run.dir={out / 'run'}",
+        "+callbacks.timer._target_=asd3d.bench.StepTimer",
+        f"+callbacks.timer.path={timer}",
+        f"+callbacks.timer.warmup={warmup}",
+    ]
     if devices > 1:
         cmd.append("trainer.strategy=ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
@@ -123,7 +157,9 @@ def ddp_prompts_per_second(devices: int, steps: int, warmup: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
@@ -137,8 +173,13 @@ def main() -> None:
 
     bare, system = [], []
     for _ in range(args.repeats):  # interleaved, best of N: the machine is shared and noisy
-        bare.append(bare_loop_seconds(build_system(_compose(overrides, Path(tempfile.mkdtemp())), {}),
-                                      args.steps, args.warmup))
+        bare.append(
+            bare_loop_seconds(
+                build_system(_compose(overrides, Path(tempfile.mkdtemp())), {}),
+                args.steps,
+                args.warmup,
+            )
+        )
         system.append(system_seconds(args.steps, args.warmup, overrides))
     t_bare, t_system = min(bare) / args.steps, min(system) / args.steps
     print(f"quickstart step, bare PyTorch loop : {1000 * t_bare:7.1f} ms")

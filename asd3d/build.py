@@ -38,8 +38,11 @@ def build_parts(cfg: DictConfig) -> Parts:
     prior = instantiate(cfg.prior, **prior_kwargs)
     generator = instantiate(cfg.generator)
     renderer = instantiate(cfg.renderer)
-    oracle = (ProceduralOracle(corpus, instantiate(cfg.ground_truth))
-              if ProceduralOracle.applies_to(corpus) else None)
+    oracle = (
+        ProceduralOracle(corpus, instantiate(cfg.ground_truth))
+        if ProceduralOracle.applies_to(corpus)
+        else None
+    )
     return Parts(corpus=corpus, prior=prior, generator=generator, renderer=renderer, oracle=oracle)
 
 
@@ -47,9 +50,15 @@ def build_system(cfg: DictConfig, run_config: dict[str, Any]):
     """Build the LightningModule of a training run."""
     parts = build_parts(cfg)
     distiller = instantiate(cfg.distiller)
-    system = instantiate(cfg.system, corpus=parts.corpus, generator=parts.generator,
-                         renderer=parts.renderer, prior=parts.prior, distiller=distiller,
-                         oracle=parts.oracle)
+    system = instantiate(
+        cfg.system,
+        corpus=parts.corpus,
+        generator=parts.generator,
+        renderer=parts.renderer,
+        prior=parts.prior,
+        distiller=distiller,
+        oracle=parts.oracle,
+    )
     # Set after instantiation: Hydra would try to instantiate the _target_ nodes inside it.
     system.run_config = run_config
     return system

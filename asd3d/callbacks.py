@@ -17,8 +17,13 @@ class StepProgressBar(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            self._bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc="training",
-                             unit="step", dynamic_ncols=True)
+            self._bar = tqdm(
+                total=trainer.max_steps,
+                initial=trainer.global_step,
+                desc="training",
+                unit="step",
+                dynamic_ncols=True,
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._bar is None:

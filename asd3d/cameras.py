@@ -22,8 +22,11 @@ VIEW_LAYOUTS = ("independent", "orbit")
 DISTANCE_MODES = ("absolute", "fov_scaled")
 
 
-def look_at(centers: Float[Tensor, "B 3"], target: Float[Tensor, "B 3"] | None = None,
-            up: Float[Tensor, "3"] | None = None) -> Float[Tensor, "B 4 4"]:
+def look_at(
+    centers: Float[Tensor, "B 3"],
+    target: Float[Tensor, "B 3"] | None = None,
+    up: Float[Tensor, "3"] | None = None,
+) -> Float[Tensor, "B 4 4"]:
     """OpenGL camera-to-world matrices of cameras at ``centers`` looking at ``target``.
 
     ``target`` defaults to the origin and ``up`` to world ``+z``. Where the view direction is
@@ -38,8 +41,9 @@ def look_at(centers: Float[Tensor, "B 3"], target: Float[Tensor, "B 3"] | None =
     up = up.expand_as(forward)
     right = torch.linalg.cross(forward, up, dim=-1)
     degenerate = right.norm(dim=-1, keepdim=True) < 1e-6
-    fallback = torch.linalg.cross(forward, centers.new_tensor([0.0, 1.0, 0.0]).expand_as(forward),
-                                  dim=-1)
+    fallback = torch.linalg.cross(
+        forward, centers.new_tensor([0.0, 1.0, 0.0]).expand_as(forward), dim=-1
+    )
     right = torch.nn.functional.normalize(torch.where(degenerate, fallback, right), dim=-1)
     true_up = torch.linalg.cross(right, forward, dim=-1)
     c2w = torch.zeros(*centers.shape[:-1], 4, 4, dtype=centers.dtype, device=centers.device)
@@ -51,23 +55,37 @@ def look_at(centers: Float[Tensor, "B 3"], target: Float[Tensor, "B 3"] | None =
     return c2w
 
 
-def spherical_to_cartesian(elevation: Float[Tensor, "B"], azimuth: Float[Tensor, "B"],
-                           distance: Float[Tensor, "B"]) -> Float[Tensor, "B 3"]:
+def spherical_to_cartesian(
+    elevation: Float[Tensor, "B"], azimuth: Float[Tensor, "B"], distance: Float[Tensor, "B"]
+) -> Float[Tensor, "B 3"]:
     """Camera centres from spherical coordinates (radians; ``+z`` up, azimuth 0 on ``+x``)."""
-    return torch.stack([distance * torch.cos(elevation) * torch.cos(azimuth),
-                        distance * torch.cos(elevation) * torch.sin(azimuth),
-                        distance * torch.sin(elevation)], dim=-1)
+    return torch.stack(
+        [
+            distance * torch.cos(elevation) * torch.cos(azimuth),
+            distance * torch.cos(elevation) * torch.sin(azimuth),
+            distance * torch.sin(elevation),
+        ],
+        dim=-1,
+    )
 
 
-def _cameras_from_spherical(elevation: Tensor, azimuth: Tensor, distance: Tensor, fovy: Tensor,
-                            views_per_prompt: int) -> Cameras:
+def _cameras_from_spherical(
+    elevation: Tensor, azimuth: Tensor, distance: Tensor, fovy: Tensor, views_per_prompt: int
+) -> Cameras:
     c2w = look_at(spherical_to_cartesian(elevation, azimuth, distance))
-    return Cameras(c2w=c2w, fovy=fovy, elevation=elevation, azimuth=azimuth, distance=distance,
-                   views_per_prompt=views_per_prompt)
+    return Cameras(
+        c2w=c2w,
+        fovy=fovy,
+        elevation=elevation,
+        azimuth=azimuth,
+        distance=distance,
+        views_per_prompt=views_per_prompt,
+    )
 
 
-def _check_range(name: str, value: Sequence[float], low: float, high: float,
-                 open_low: bool = False) -> tuple[float, float]:
+def _check_range(
+    name: str, value: Sequence[float], low: float, high: float, open_low: bool = False
+) -> tuple[float, float]:
     if len(value) != 2:
         raise ValueError(f"{name}={list(value)} must be a [min, max] pair")
     lo, hi = float(value[0]), float(value[1])
@@ -79,8 +97,9 @@ def _check_range(name: str, value: Sequence[float], low: float, high: float,
     return lo, hi
 
 
-def _uniform(bounds: tuple[float, float], count: int, generator: torch.Generator | None,
-             scale: float = 1.0) -> Tensor:
+def _uniform(
+    bounds: tuple[float, float], count: int, generator: torch.Generator | None, scale: float = 1.0
+) -> Tensor:
     # Drawn on the generator's device (CPU when there is none) so the same seed gives the same
     # cameras whatever device the renders go to.
     device = generator.device if generator is not None else torch.device("cpu")
@@ -106,20 +125,30 @@ class CameraSampler:
         distance_mode: ``absolute`` or ``fov_scaled`` (see ``distance_range``).
     """
 
-    def __init__(self, distance_range: Sequence[float], fovy_range_deg: Sequence[float],
-                 elevation_range_deg: Sequence[float], azimuth_range_deg: Sequence[float],
-                 views_per_prompt: int = 1, view_layout: str = "independent",
-                 distance_mode: str = "absolute") -> None:
-        self.distance_range = _check_range("distance_range", distance_range, 0.0, math.inf,
-                                           open_low=True)
-        self.fovy_range_deg = _check_range("fovy_range_deg", fovy_range_deg, 0.0, 180.0,
-                                           open_low=True)
+    def __init__(
+        self,
+        distance_range: Sequence[float],
+        fovy_range_deg: Sequence[float],
+        elevation_range_deg: Sequence[float],
+        azimuth_range_deg: Sequence[float],
+        views_per_prompt: int = 1,
+        view_layout: str = "independent",
+        distance_mode: str = "absolute",
+    ) -> None:
+        self.distance_range = _check_range(
+            "distance_range", distance_range, 0.0, math.inf, open_low=True
+        )
+        self.fovy_range_deg = _check_range(
+            "fovy_range_deg", fovy_range_deg, 0.0, 180.0, open_low=True
+        )
         if self.fovy_range_deg[1] >= 180.0:
             raise ValueError(f"fovy_range_deg={list(self.fovy_range_deg)} must stay below 180")
-        self.elevation_range_deg = _check_range("elevation_range_deg", elevation_range_deg,
-                                                -90.0, 90.0)
-        self.azimuth_range_deg = _check_range("azimuth_range_deg", azimuth_range_deg,
-                                              -math.inf, math.inf)
+        self.elevation_range_deg = _check_range(
+            "elevation_range_deg", elevation_range_deg, -90.0, 90.0
+        )
+        self.azimuth_range_deg = _check_range(
+            "azimuth_range_deg", azimuth_range_deg, -math.inf, math.inf
+        )
         if int(views_per_prompt) != views_per_prompt or views_per_prompt < 1:
             raise ValueError(f"views_per_prompt={views_per_prompt} must be a positive integer")
         if view_layout not in VIEW_LAYOUTS:
@@ -130,8 +159,12 @@ class CameraSampler:
         self.view_layout = view_layout
         self.distance_mode = distance_mode
 
-    def sample(self, num_prompts: int, generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu") -> Cameras:
+    def sample(
+        self,
+        num_prompts: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Cameras:
         """``B = num_prompts * V`` cameras, the views of a prompt consecutive.
 
         Deterministic given ``generator``'s state (all draws happen on the generator's device).
@@ -146,20 +179,29 @@ class CameraSampler:
         fovy = _uniform(self.fovy_range_deg, draws, generator, rad)
         distance = _uniform(self.distance_range, draws, generator)
         if self.view_layout == "orbit":
+
             def per_view(x: Tensor) -> Tensor:
                 return x.repeat_interleave(V)
+
             elevation, fovy, distance = per_view(elevation), per_view(fovy), per_view(distance)
             steps = torch.arange(V, device=azimuth.device).repeat(num_prompts) * (2 * math.pi / V)
             # Wrap into [-pi, pi) so view-dependent prompting sees one range for both layouts.
             azimuth = torch.remainder(per_view(azimuth) + steps + math.pi, 2 * math.pi) - math.pi
         if self.distance_mode == "fov_scaled":
             distance = distance / torch.tan(fovy / 2)
-        return _cameras_from_spherical(elevation.to(device), azimuth.to(device),
-                                       distance.to(device), fovy.to(device), V)
+        return _cameras_from_spherical(
+            elevation.to(device), azimuth.to(device), distance.to(device), fovy.to(device), V
+        )
 
 
-def orbit_cameras(num_views: int, elevation_deg: float, distance: float, fovy_deg: float,
-                  num_prompts: int = 1, device: torch.device | str = "cpu") -> Cameras:
+def orbit_cameras(
+    num_views: int,
+    elevation_deg: float,
+    distance: float,
+    fovy_deg: float,
+    num_prompts: int = 1,
+    device: torch.device | str = "cpu",
+) -> Cameras:
     """Evaluation turntable (REFERENCE.md §7): azimuths ``linspace`` over ``[0°, 360°)``.
 
     Unlike the release, 360° is not repeated: view ``k`` sits at ``360° k / num_views``. The
@@ -178,13 +220,19 @@ def orbit_cameras(num_views: int, elevation_deg: float, distance: float, fovy_de
 
     def full(value: float) -> Tensor:
         return torch.full((B,), value, dtype=torch.float32)
-    return _cameras_from_spherical(full(math.radians(elevation_deg)).to(device),
-                                   azimuth.repeat(num_prompts).to(device), full(distance).to(device),
-                                   full(math.radians(fovy_deg)).to(device), num_views)
+
+    return _cameras_from_spherical(
+        full(math.radians(elevation_deg)).to(device),
+        azimuth.repeat(num_prompts).to(device),
+        full(distance).to(device),
+        full(math.radians(fovy_deg)).to(device),
+        num_views,
+    )
 
 
-def camera_rays(cameras: Cameras, height: int, width: int
-                ) -> tuple[Float[Tensor, "B H W 3"], Float[Tensor, "B H W 3"]]:
+def camera_rays(
+    cameras: Cameras, height: int, width: int
+) -> tuple[Float[Tensor, "B H W 3"], Float[Tensor, "B H W 3"]]:
     """World-space rays through the pixel centres: ``(origins, unit directions)``.
 
     Pinhole with square pixels; ``fovy`` spans the image height; row 0 is the top of the image.

@@ -17,11 +17,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     loading uses ``torch.load(weights_only=True)``.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path,
-                        storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(checkpoint, Path(path))
 
-    def load_checkpoint(self, path: str | Path, map_location: Any = None,
-                        weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         return load_checkpoint(Path(path))

@@ -18,7 +18,13 @@ from asd3d.io import CheckpointError
 
 _DDP_ARGV_ENV = "ASD3D_DDP_JOB_ARGV"
 
-USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, HydraException, OmegaConfBaseException)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    CheckpointError,
+    HydraException,
+    OmegaConfBaseException,
+)
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -69,8 +75,12 @@ def remember_ddp_job_argv(local_rank_suffix: str = "ddp") -> None:
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode.name != "MULTIRUN":
+    if hydra_cfg.mode is None or hydra_cfg.mode.name != "MULTIRUN":
         return
-    argv = [*hydra_cfg.overrides.task, f"hydra.run.dir={hydra_cfg.runtime.output_dir}",
-            "hydra.output_subdir=null", f"hydra.job.name={hydra_cfg.job.name}_{local_rank_suffix}"]
+    argv = [
+        *hydra_cfg.overrides.task,
+        f"hydra.run.dir={hydra_cfg.runtime.output_dir}",
+        "hydra.output_subdir=null",
+        f"hydra.job.name={hydra_cfg.job.name}_{local_rank_suffix}",
+    ]
     os.environ[_DDP_ARGV_ENV] = json.dumps(argv)

@@ -30,12 +30,22 @@ def _sweep_defaults() -> tuple[str | None, str | None]:
     except (ImportError, ValueError):
         return None, None
     name = ",".join(hydra_cfg.overrides.task) or "default"
-    group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode.name == "MULTIRUN" else None
+    group = (
+        Path(hydra_cfg.sweep.dir).name
+        if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN"
+        else None
+    )
     return name, group
 
 
-def wandb_logger(project: str, save_dir: str, mode: str = "auto", name: str | None = None,
-                 group: str | None = None, tags: list[str] | None = None) -> WandbLogger | None:
+def wandb_logger(
+    project: str,
+    save_dir: str,
+    mode: str = "auto",
+    name: str | None = None,
+    group: str | None = None,
+    tags: list[str] | None = None,
+) -> WandbLogger | None:
     """Build a :class:`WandbLogger`; ``mode=auto`` logs online only when logged in.
 
     Offline runs land in ``<save_dir>/wandb/offline-run-*``; upload them with ``wandb sync``.
@@ -51,8 +61,16 @@ def wandb_logger(project: str, save_dir: str, mode: str = "auto", name: str | No
     os.environ["WANDB_MODE"] = mode
     default_name, default_group = _sweep_defaults()
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    logger = WandbLogger(project=project, save_dir=save_dir, name=name or default_name,
-                         group=group or default_group, tags=list(tags or []), offline=mode == "offline")
+    logger = WandbLogger(
+        project=project,
+        save_dir=save_dir,
+        name=name or default_name,
+        group=group or default_group,
+        tags=list(tags or []),
+        offline=mode == "offline",
+    )
     if mode == "offline":
-        print(f"W&B is offline (not logged in); upload later with: wandb sync {save_dir}/wandb/offline-run-*")
+        print(
+            f"W&B is offline (not logged in); upload later with: wandb sync {save_dir}/wandb/offline-run-*"
+        )
     return logger

@@ -47,8 +47,10 @@ def _as_schedule(name: str, weight: Weight) -> Callable[[float], float]:
     if isinstance(weight, int | float):
         value = float(weight)
         return lambda fraction: value
-    raise TypeError(f"{name} weight must be a number or a callable of the training fraction, "
-                    f"got {type(weight).__name__}")
+    raise TypeError(
+        f"{name} weight must be a number or a callable of the training fraction, "
+        f"got {type(weight).__name__}"
+    )
 
 
 class Regularisers:
@@ -62,11 +64,14 @@ class Regularisers:
     ``eikonal`` (only those with a non-zero weight) and their sum under ``total``.
     """
 
-    def __init__(self, sparsity: Weight = 0.0, opaqueness: Weight = 0.0,
-                 eikonal: Weight = 0.0) -> None:
-        self.weights = {"sparsity": _as_schedule("sparsity", sparsity),
-                        "opaqueness": _as_schedule("opaqueness", opaqueness),
-                        "eikonal": _as_schedule("eikonal", eikonal)}
+    def __init__(
+        self, sparsity: Weight = 0.0, opaqueness: Weight = 0.0, eikonal: Weight = 0.0
+    ) -> None:
+        self.weights = {
+            "sparsity": _as_schedule("sparsity", sparsity),
+            "opaqueness": _as_schedule("opaqueness", opaqueness),
+            "eikonal": _as_schedule("eikonal", eikonal),
+        }
 
     def __repr__(self) -> str:
         return f"Regularisers({', '.join(f'{k}={v!r}' for k, v in self.weights.items())})"
@@ -83,10 +88,14 @@ class Regularisers:
                 value = opaqueness_loss(render.opacity)
             else:
                 if render.sdf_gradients is None:
-                    raise ValueError(f"eikonal weight is {weight} but the render has no "
-                                     "sdf_gradients; set renderer.eikonal_points > 0")
+                    raise ValueError(
+                        f"eikonal weight is {weight} but the render has no "
+                        "sdf_gradients; set renderer.eikonal_points > 0"
+                    )
                 value = eikonal_loss(render.sdf_gradients)
             terms[name] = weight * value
-        total = sum(terms.values(), torch.zeros((), device=render.opacity.device,
-                                                dtype=render.opacity.dtype))
+        total = sum(
+            terms.values(),
+            torch.zeros((), device=render.opacity.device, dtype=render.opacity.dtype),
+        )
         return {**terms, "total": total}

@@ -49,13 +49,30 @@ class DistillationSystem(pl.LightningModule):
         seed: base seed; each process draws cameras and noise from ``seed + rank``.
     """
 
-    def __init__(self, corpus: Corpus, generator: Generator, renderer: VolSDFRenderer, prior: Prior,
-                 distiller: Distiller, camera_sampler: CameraSampler, regularisers: Regularisers,
-                 optimizer: Callable[..., torch.optim.Optimizer], lr_generator: float,
-                 lr_renderer: float, render_resolution: int, prompts_per_step: int, max_steps: int,
-                 validation: dict[str, Any], oracle: ProceduralOracle | None = None,
-                 image_every_n_steps: int = 0, seed: int = 0, num_workers: int = 0,
-                 run_config: dict[str, Any] | None = None) -> None:
+    prior: Prior  # set with object.__setattr__: not a submodule
+
+    def __init__(
+        self,
+        corpus: Corpus,
+        generator: Generator,
+        renderer: VolSDFRenderer,
+        prior: Prior,
+        distiller: Distiller,
+        camera_sampler: CameraSampler,
+        regularisers: Regularisers,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_generator: float,
+        lr_renderer: float,
+        render_resolution: int,
+        prompts_per_step: int,
+        max_steps: int,
+        validation: dict[str, Any],
+        oracle: ProceduralOracle | None = None,
+        image_every_n_steps: int = 0,
+        seed: int = 0,
+        num_workers: int = 0,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.corpus = corpus
         self.generator = generator
@@ -88,10 +105,17 @@ class DistillationSystem(pl.LightningModule):
         rank, world = self._rank_and_world()
         dataset = PromptDataset(self.corpus, "train")
         # Each rank takes its own shard of prompts (DESIGN.md §4); the sampler only holds indices.
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                     seed=self.seed, drop_last=False)
-        return DataLoader(dataset, batch_size=self.prompts_per_step, sampler=sampler,
-                          collate_fn=collate_prompts, num_workers=self.num_workers, drop_last=False)
+        sampler: DistributedSampler = DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed, drop_last=False
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.prompts_per_step,
+            sampler=sampler,
+            collate_fn=collate_prompts,
+            num_workers=self.num_workers,
+            drop_last=False,
+        )
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()
@@ -100,8 +124,9 @@ class DistillationSystem(pl.LightningModule):
         shard = Subset(dataset, range(rank, len(dataset), world))
         return DataLoader(shard, batch_size=self.prompts_per_step, collate_fn=collate_prompts)
 
-    def transfer_batch_to_device(self, batch: PromptBatch, device: torch.device,
-                                 dataloader_idx: int) -> PromptBatch:
+    def transfer_batch_to_device(
+        self, batch: PromptBatch, device: torch.device, dataloader_idx: int
+    ) -> PromptBatch:
         return dataclasses.replace(batch, ids=batch.ids.to(device))
 
     # ------------------------------------------------------------------ helpers
@@ -113,9 +138,12 @@ class DistillationSystem(pl.LightningModule):
     def embed(self, prompts: PromptBatch) -> PromptBatch:
         """Attach the prior's text embeddings (token states and pooled vector) to the prompts."""
         embedding = self.prior.encode_text(list(prompts.texts))
-        return PromptBatch(ids=prompts.ids.to(self.device), texts=prompts.texts,
-                           tokens=embedding.tokens.to(self.device),
-                           pooled=embedding.pooled.to(self.device))
+        return PromptBatch(
+            ids=prompts.ids.to(self.device),
+            texts=prompts.texts,
+            tokens=embedding.tokens.to(self.device),
+            pooled=embedding.pooled.to(self.device),
+        )
 
     def on_fit_start(self) -> None:
         self.prior.to(self.device)
@@ -131,18 +159,27 @@ class DistillationSystem(pl.LightningModule):
         prompts = self.embed(batch)
         cameras = self.camera_sampler.sample(len(prompts), generator=self._rng, device=self.device)
         field = self.generator(prompts, generator=self._rng)
-        render = self.renderer(field, cameras, self.render_resolution, self.render_resolution,
-                               generator=self._rng)
+        render = self.renderer(
+            field, cameras, self.render_resolution, self.render_resolution, generator=self._rng
+        )
         z = self.prior.encode_images(render.rgb, generator=self._rng)
-        distilled = self.distiller(z, self.prior.condition(prompts, cameras), self.prior.predict_eps,
-                                   self.prior.alphas_cumprod, self.fraction,
-                                   group_size=cameras.views_per_prompt, generator=self._rng)
+        distilled = self.distiller(
+            z,
+            self.prior.condition(prompts, cameras),
+            self.prior.predict_eps,
+            self.prior.alphas_cumprod,
+            self.fraction,
+            group_size=cameras.views_per_prompt,
+            generator=self._rng,
+        )
         regularisation = self.regularisers(render, self.fraction)
         loss = distilled.loss + regularisation["total"]
 
         logs = {"train/loss": loss.detach(), "train/distill_loss": distilled.loss.detach()}
         logs.update({f"train/{k}": v.detach() for k, v in distilled.metrics().items()})
-        logs.update({f"train/reg_{k}": v.detach() for k, v in regularisation.items() if k != "total"})
+        logs.update(
+            {f"train/reg_{k}": v.detach() for k, v in regularisation.items() if k != "total"}
+        )
         t_min, t_max = self.distiller.timestep_range(self.fraction)
         logs.update({"train/t_min": float(t_min), "train/t_max": float(t_max)})
         self.log_dict(logs, prog_bar=False, batch_size=len(prompts))
@@ -157,8 +194,13 @@ class DistillationSystem(pl.LightningModule):
             self.log("train/grad_norm_generator", torch.stack(norms).norm(), batch_size=1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        groups = [{"params": [p for p in self.generator.parameters() if p.requires_grad],
-                   "lr": self.lr_generator, "name": "generator"}]
+        groups = [
+            {
+                "params": [p for p in self.generator.parameters() if p.requires_grad],
+                "lr": self.lr_generator,
+                "name": "generator",
+            }
+        ]
         renderer_params = [p for p in self.renderer.parameters() if p.requires_grad]
         if renderer_params:
             groups.append({"params": renderer_params, "lr": self.lr_renderer, "name": "renderer"})
@@ -170,13 +212,23 @@ class DistillationSystem(pl.LightningModule):
             return
         prompts = self.embed(batch)
         cfg = self.validation
-        cameras = orbit_cameras(cfg["num_views"], cfg["elevation_deg"], cfg["distance"],
-                                cfg["fovy_deg"], num_prompts=len(prompts)).to(self.device)
-        field = self.generator(prompts, generator=torch.Generator(self.device).manual_seed(self.seed))
+        cameras = orbit_cameras(
+            cfg["num_views"],
+            cfg["elevation_deg"],
+            cfg["distance"],
+            cfg["fovy_deg"],
+            num_prompts=len(prompts),
+        ).to(self.device)
+        field = self.generator(
+            prompts, generator=torch.Generator(self.device).manual_seed(self.seed)
+        )
         white = torch.tensor(self.oracle.background_rgb, device=self.device).expand(len(cameras), 3)
-        render = self.renderer(field, cameras, cfg["resolution"], cfg["resolution"],
-                               background_rgb=white)
-        metrics = self.oracle.score(prompts.texts, render, cameras.index(torch.arange(cfg["num_views"])))
+        render = self.renderer(
+            field, cameras, cfg["resolution"], cfg["resolution"], background_rgb=white
+        )
+        metrics = self.oracle.score(
+            prompts.texts, render, cameras.index(torch.arange(cfg["num_views"]))
+        )
         self.val_metrics.update(metrics.r_at_1, metrics.psnr, metrics.iou)
         if batch_idx == 0:
             self._log_images("val/renders", render.rgb[:: cfg["num_views"] // 4 or 1])
@@ -197,7 +249,9 @@ class DistillationSystem(pl.LightningModule):
         save_png(grid, out_dir / f"{key.replace('/', '_')}_{self.global_step:06d}.png")
         for logger in self.loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image(key=key, images=[grid.permute(1, 2, 0).numpy()], step=self.global_step)
+                logger.log_image(
+                    key=key, images=[grid.permute(1, 2, 0).numpy()], step=self.global_step
+                )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The resolved config travels with the weights: evaluate.py needs only the checkpoint.

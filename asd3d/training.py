@@ -32,7 +32,7 @@ def run_training(cfg: DictConfig) -> float | None:
         if cfg.ckpt_path is not None:
             load_checkpoint(Path(cfg.ckpt_path))  # fail early, with one line, on a bad file
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        run_config = OmegaConf.to_container(cfg, resolve=True)
+        run_config: dict = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
         system = build_system(cfg, run_config)
         loggers = _instantiate_all(cfg.get("logger"))
         callbacks = _instantiate_all(cfg.get("callbacks"))

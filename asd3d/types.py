@@ -72,19 +72,40 @@ class Cameras:
         return self.c2w[:, :3, 3]
 
     def to(self, device: torch.device | str) -> Cameras:
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
-                                if isinstance(getattr(self, f.name), Tensor)})
+        return replace(
+            self,
+            **{
+                f.name: getattr(self, f.name).to(device)
+                for f in fields(self)
+                if isinstance(getattr(self, f.name), Tensor)
+            },
+        )
 
     def index(self, index: Int[Tensor, "K"]) -> Cameras:
         """Select cameras by flat index (the result has one view per prompt)."""
-        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
-                                if isinstance(getattr(self, f.name), Tensor)}, views_per_prompt=1)
+        return replace(
+            self,
+            **{
+                f.name: getattr(self, f.name)[index]
+                for f in fields(self)
+                if isinstance(getattr(self, f.name), Tensor)
+            },
+            views_per_prompt=1,
+        )
 
     @staticmethod
     def concat(items: list[Cameras]) -> Cameras:
-        return Cameras(*(torch.cat([getattr(c, name) for c in items]) for name in
-                         ("c2w", "fovy", "elevation", "azimuth", "distance")),
-                       views_per_prompt=1)
+        def cat(name: str) -> Tensor:
+            return torch.cat([getattr(c, name) for c in items])
+
+        return Cameras(
+            c2w=cat("c2w"),
+            fovy=cat("fovy"),
+            elevation=cat("elevation"),
+            azimuth=cat("azimuth"),
+            distance=cat("distance"),
+            views_per_prompt=1,
+        )
 
     def flat_matrix(self) -> Float[Tensor, "B 16"]:
         """The c2w matrix flattened row-major (the 16-d camera code MVDream-style priors take)."""
@@ -136,12 +157,17 @@ class Condition:
 
     @staticmethod
     def concat(items: list[Condition]) -> Condition:
-        return Condition(**{f.name: _concat_field([getattr(c, f.name) for c in items])
-                            for f in fields(Condition)})
+        return Condition(
+            **{
+                f.name: _concat_field([getattr(c, f.name) for c in items])
+                for f in fields(Condition)
+            }
+        )
 
     def index(self, index: Int[Tensor, "K"]) -> Condition:
-        return Condition(**{f.name: _index_field(getattr(self, f.name), index)
-                            for f in fields(Condition)})
+        return Condition(
+            **{f.name: _index_field(getattr(self, f.name), index) for f in fields(Condition)}
+        )
 
 
 @dataclass(frozen=True)
@@ -191,8 +217,10 @@ class DistillOutput:
     shifted_timesteps: Int[Tensor, "B"] | None = None
 
     def metrics(self) -> dict[str, Tensor]:
-        out = {"t": self.timesteps.float().mean(),
-               "grad_norm": self.grad.flatten(1).norm(dim=1).mean()}
+        out = {
+            "t": self.timesteps.float().mean(),
+            "grad_norm": self.grad.flatten(1).norm(dim=1).mean(),
+        }
         if self.shifted_timesteps is not None:
             out["dt"] = (self.shifted_timesteps - self.timesteps).float().mean()
         return out

@@ -10,18 +10,33 @@ import torch
 from asd3d.cameras import CameraSampler, camera_rays, look_at, orbit_cameras
 from asd3d.types import Cameras
 
-SD = dict(distance_range=[1.0, 1.5], fovy_range_deg=[40, 70], elevation_range_deg=[-10, 45],
-          azimuth_range_deg=[-180, 180])
-MVDREAM = dict(distance_range=[0.8, 1.0], fovy_range_deg=[15, 60], elevation_range_deg=[0, 30],
-               azimuth_range_deg=[-180, 180], views_per_prompt=4, view_layout="orbit",
-               distance_mode="fov_scaled")
+SD = dict(
+    distance_range=[1.0, 1.5],
+    fovy_range_deg=[40, 70],
+    elevation_range_deg=[-10, 45],
+    azimuth_range_deg=[-180, 180],
+)
+MVDREAM = dict(
+    distance_range=[0.8, 1.0],
+    fovy_range_deg=[15, 60],
+    elevation_range_deg=[0, 30],
+    azimuth_range_deg=[-180, 180],
+    views_per_prompt=4,
+    view_layout="orbit",
+    distance_mode="fov_scaled",
+)
 
 
 def _camera(elevation_deg: float, azimuth_deg: float, distance: float, fovy_deg: float) -> Cameras:
     el, az = torch.tensor([math.radians(elevation_deg)]), torch.tensor([math.radians(azimuth_deg)])
     center = distance * torch.stack([el.cos() * az.cos(), el.cos() * az.sin(), el.sin()], -1)
-    return Cameras(c2w=look_at(center), fovy=torch.tensor([math.radians(fovy_deg)]),
-                   elevation=el, azimuth=az, distance=torch.tensor([distance]))
+    return Cameras(
+        c2w=look_at(center),
+        fovy=torch.tensor([math.radians(fovy_deg)]),
+        elevation=el,
+        azimuth=az,
+        distance=torch.tensor([distance]),
+    )
 
 
 def test_look_at_is_a_rotation_looking_at_the_target():
@@ -100,7 +115,8 @@ def test_orbit_layout_shares_parameters_and_spaces_views_90_degrees():
 
 def test_independent_layout_with_several_views():
     cams = CameraSampler(**{**SD, "views_per_prompt": 3}).sample(
-        2, generator=torch.Generator().manual_seed(0))
+        2, generator=torch.Generator().manual_seed(0)
+    )
     assert len(cams) == 6 and cams.num_prompts == 2
     assert len(set(cams.elevation.tolist())) == 6
 
@@ -108,27 +124,34 @@ def test_independent_layout_with_several_views():
 def test_orbit_cameras_do_not_repeat_360():
     cams = orbit_cameras(4, elevation_deg=15.0, distance=1.5, fovy_deg=70.0, num_prompts=2)
     assert len(cams) == 8 and cams.views_per_prompt == 4
-    assert torch.allclose(torch.rad2deg(cams.azimuth), torch.tensor([0.0, 90, 180, 270] * 2),
-                          atol=1e-4)
+    assert torch.allclose(
+        torch.rad2deg(cams.azimuth), torch.tensor([0.0, 90, 180, 270] * 2), atol=1e-4
+    )
     assert torch.allclose(torch.rad2deg(cams.elevation), torch.full((8,), 15.0))
     assert torch.allclose(cams.centers.norm(dim=-1), torch.full((8,), 1.5))
-    assert torch.allclose(cams.centers[0], torch.tensor([1.5 * math.cos(math.radians(15)), 0.0,
-                                                         1.5 * math.sin(math.radians(15))]))
-    assert torch.allclose(cams.centers[1, :2], torch.tensor([0.0, 1.5 * math.cos(math.radians(15))]),
-                          atol=1e-6)
+    assert torch.allclose(
+        cams.centers[0],
+        torch.tensor([1.5 * math.cos(math.radians(15)), 0.0, 1.5 * math.sin(math.radians(15))]),
+    )
+    assert torch.allclose(
+        cams.centers[1, :2], torch.tensor([0.0, 1.5 * math.cos(math.radians(15))]), atol=1e-6
+    )
     az120 = orbit_cameras(120, 15.0, 1.5, 70.0).azimuth
     assert torch.rad2deg(az120[-1]).item() == pytest.approx(357.0, abs=1e-4)
 
 
-@pytest.mark.parametrize(("kwargs", "bad"), [
-    ({"distance_range": [0.0, 1.0]}, "distance_range"),
-    ({"distance_range": [1.5, 1.0]}, "distance_range"),
-    ({"fovy_range_deg": [40, 180]}, "fovy_range_deg"),
-    ({"elevation_range_deg": [-10, 95]}, "elevation_range_deg"),
-    ({"views_per_prompt": 0}, "views_per_prompt"),
-    ({"view_layout": "ring"}, "view_layout"),
-    ({"distance_mode": "relative"}, "distance_mode"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "bad"),
+    [
+        ({"distance_range": [0.0, 1.0]}, "distance_range"),
+        ({"distance_range": [1.5, 1.0]}, "distance_range"),
+        ({"fovy_range_deg": [40, 180]}, "fovy_range_deg"),
+        ({"elevation_range_deg": [-10, 95]}, "elevation_range_deg"),
+        ({"views_per_prompt": 0}, "views_per_prompt"),
+        ({"view_layout": "ring"}, "view_layout"),
+        ({"distance_mode": "relative"}, "distance_mode"),
+    ],
+)
 def test_sampler_rejects_bad_values(kwargs, bad):
     with pytest.raises(ValueError, match=bad):
         CameraSampler(**{**SD, **kwargs})

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from cli_helpers import run_entry, train
 
 
@@ -35,8 +36,12 @@ def test_bad_training_inputs(tmp_path, overrides, needles):
 
 def test_missing_corpus_file(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_entry("train.py", "corpus=mg15", "paths.corpora_dir=/nonexistent/corpora",
-                       f"hydra.run.dir={run_dir}")
+    result = run_entry(
+        "train.py",
+        "corpus=mg15",
+        "paths.corpora_dir=/nonexistent/corpora",
+        f"hydra.run.dir={run_dir}",
+    )
     assert_clean_failure(result, run_dir, "error:", "/nonexistent/corpora", "not found")
 
 
@@ -44,7 +49,9 @@ def test_empty_corpus_file(tmp_path):
     corpus = tmp_path / "empty_prompt_library.json"
     corpus.write_text(json.dumps({"train": [], "val": [], "test": []}))
     run_dir = tmp_path / "run"
-    result = run_entry("train.py", "corpus=mg15", f"corpus.path={corpus}", f"hydra.run.dir={run_dir}")
+    result = run_entry(
+        "train.py", "corpus=mg15", f"corpus.path={corpus}", f"hydra.run.dir={run_dir}"
+    )
     assert_clean_failure(result, run_dir, "error:", str(corpus))
 
 

@@ -3,9 +3,10 @@
 import json
 
 import torch
-from cli_helpers import run_entry, train
 
 from asd3d.io import load_checkpoint
+
+from cli_helpers import run_entry, train
 
 
 def test_train_resume_evaluate(tmp_path):
@@ -16,7 +17,9 @@ def test_train_resume_evaluate(tmp_path):
     ckpt = load_checkpoint(last)
     assert ckpt["global_step"] == 3
     assert ckpt["asd3d_config"]["distiller"]["_target_"].endswith("SDSDistiller")
-    assert not [k for k in ckpt["state_dict"] if k.startswith("prior")], "prior weights in checkpoint"
+    assert not [k for k in ckpt["state_dict"] if k.startswith("prior")], (
+        "prior weights in checkpoint"
+    )
     assert (run_dir / "csv" / "metrics.csv").exists()
 
     resumed_dir = tmp_path / "resumed"
@@ -24,7 +27,9 @@ def test_train_resume_evaluate(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_checkpoint(resumed_dir / "checkpoints" / "last.ckpt")["global_step"] == 5
 
-    result = run_entry("evaluate.py", f"ckpt={last}", "num_views=6", f"hydra.run.dir={tmp_path / 'eval_log'}")
+    result = run_entry(
+        "evaluate.py", f"ckpt={last}", "num_views=6", f"hydra.run.dir={tmp_path / 'eval_log'}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     last_line = result.stdout.strip().splitlines()[-1]
     values = dict(item.split("=") for item in last_line.split())
@@ -39,28 +44,49 @@ def test_train_resume_evaluate(tmp_path):
 
 def test_multirun_sweep_over_eta(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    result = run_entry("train.py", "-m", "distiller=asd", "distiller.eta=0,0.2", *_tiny(),
-                       f"hydra.sweep.dir={sweep_dir}")
+    result = run_entry(
+        "train.py",
+        "-m",
+        "distiller=asd",
+        "distiller.eta=0,0.2",
+        *_tiny(),
+        f"hydra.sweep.dir={sweep_dir}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    etas = sorted(load_checkpoint(p)["asd3d_config"]["distiller"]["eta"]
-                  for p in sweep_dir.glob("*/checkpoints/last.ckpt"))
+    etas = sorted(
+        load_checkpoint(p)["asd3d_config"]["distiller"]["eta"]
+        for p in sweep_dir.glob("*/checkpoints/last.ckpt")
+    )
     assert etas == [0.0, 0.2]
 
 
 def test_ddp_two_processes_and_inside_a_sweep(tmp_path):
     """2 CPU processes (gloo) train; inside `-m` the DDP child does not re-run the sweep."""
     sweep_dir = tmp_path / "sweep"
-    result = run_entry("train.py", "-m", "distiller.eta=0.1", "distiller=asd", *_tiny(),
-                       "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                       f"hydra.sweep.dir={sweep_dir}", timeout=400)
+    result = run_entry(
+        "train.py",
+        "-m",
+        "distiller.eta=0.1",
+        "distiller=asd",
+        *_tiny(),
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"hydra.sweep.dir={sweep_dir}",
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
     assert jobs == ["0"], f"sweep ran more jobs than asked: {jobs}"
     assert not list(tmp_path.glob("**/multiruns")), "a DDP child started its own sweep"
-    assert (sweep_dir / "0" / "train_ddp.log").exists(), "the DDP child did not take the job's own command line"
+    assert (sweep_dir / "0" / "train_ddp.log").exists(), (
+        "the DDP child did not take the job's own command line"
+    )
     ckpt = load_checkpoint(sweep_dir / "0" / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 3
-    assert torch.isfinite(torch.tensor([v.float().sum() for v in ckpt["state_dict"].values()])).all()
+    assert torch.isfinite(
+        torch.tensor([v.float().sum() for v in ckpt["state_dict"].values()])
+    ).all()
 
 
 def _tiny():

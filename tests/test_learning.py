@@ -2,9 +2,10 @@
 
 import pytest
 import pytorch_lightning as pl
-from conftest import compose_train
 
 from asd3d.build import build_system
+
+from conftest import compose_train
 
 FAST = [
     "experiment=quickstart",
@@ -25,10 +26,18 @@ def train_and_score(tmp_path, steps: int, extra=()):
     cfg = compose_train([*FAST, f"trainer.max_steps={steps}", *extra], tmp_path / "run")
     pl.seed_everything(0, verbose=False)
     system = build_system(cfg, {})
-    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, check_val_every_n_epoch=None,
-                         val_check_interval=steps, accelerator="cpu", use_distributed_sampler=False)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=None,
+        val_check_interval=steps,
+        accelerator="cpu",
+        use_distributed_sampler=False,
+    )
     before = trainer.validate(system, verbose=False)[0]
     trainer.fit(system)
     after = trainer.callback_metrics
@@ -46,14 +55,22 @@ def test_sds_learns_the_procedural_world(tmp_path):
 @pytest.mark.slow
 def test_quickstart_reaches_its_targets(tmp_path):
     """The quickstart's promise (R@1 >= 0.95, PSNR >= 20 dB), on its full settings."""
-    cfg = compose_train(["experiment=quickstart", "logger=csv", "system.image_every_n_steps=0"],
-                        tmp_path / "run")
+    cfg = compose_train(
+        ["experiment=quickstart", "logger=csv", "system.image_every_n_steps=0"], tmp_path / "run"
+    )
     pl.seed_everything(0, verbose=False)
     system = build_system(cfg, {})
-    trainer = pl.Trainer(max_steps=cfg.trainer.max_steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, num_sanity_val_steps=0, check_val_every_n_epoch=None,
-                         val_check_interval=cfg.trainer.max_steps, accelerator="cpu",
-                         use_distributed_sampler=False)
+    trainer = pl.Trainer(
+        max_steps=cfg.trainer.max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=None,
+        val_check_interval=cfg.trainer.max_steps,
+        accelerator="cpu",
+        use_distributed_sampler=False,
+    )
     trainer.fit(system)
     assert float(trainer.callback_metrics["val/oracle_r1"]) >= 0.95
     assert float(trainer.callback_metrics["val/psnr"]) >= 20.0

@@ -13,8 +13,12 @@ from asd3d.types import RenderOutput
 
 def _render(opacity: torch.Tensor, sdf_gradients: torch.Tensor | None = None) -> RenderOutput:
     B, _, H, W = opacity.shape
-    return RenderOutput(rgb=torch.zeros(B, 3, H, W), opacity=opacity, depth=torch.zeros_like(opacity),
-                        sdf_gradients=sdf_gradients)
+    return RenderOutput(
+        rgb=torch.zeros(B, 3, H, W),
+        opacity=opacity,
+        depth=torch.zeros_like(opacity),
+        sdf_gradients=sdf_gradients,
+    )
 
 
 def test_sparsity_hand_values():
@@ -26,6 +30,7 @@ def test_sparsity_hand_values():
 def test_opaqueness_is_binary_entropy_clamped():
     def entropy(o):
         return -(o * math.log(o) + (1 - o) * math.log(1 - o))
+
     opacity = torch.tensor([0.5, 0.0, 1.0, 0.9]).view(2, 1, 1, 2)
     expected = (math.log(2) + 2 * entropy(1e-3) + entropy(0.9)) / 4
     assert opaqueness_loss(opacity).item() == pytest.approx(expected, rel=1e-5)
@@ -50,9 +55,11 @@ def test_weighted_terms_and_total_follow_the_schedules():
     opacity = torch.full((2, 1, 3, 3), 0.25)
     grads = torch.tensor([[[0.0, 0, 2]]])
     render = _render(opacity, grads)
-    regs = Regularisers(sparsity=20.0,
-                        opaqueness=lambda f: 0.0 if f < 0.8 else 10.0 * (f - 0.8) / 0.2,
-                        eikonal=lambda f: 100.0 + (1.0 - 100.0) * min(f / 0.1, 1.0))
+    regs = Regularisers(
+        sparsity=20.0,
+        opaqueness=lambda f: 0.0 if f < 0.8 else 10.0 * (f - 0.8) / 0.2,
+        eikonal=lambda f: 100.0 + (1.0 - 100.0) * min(f / 0.1, 1.0),
+    )
     sparsity, entropy = math.sqrt(0.0625 + 0.01), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
 
     early = regs(render, 0.0)

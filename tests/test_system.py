@@ -11,15 +11,26 @@ class GradientProbe(pl.Callback):
         self.generator_grads = None
 
     def on_after_backward(self, trainer, pl_module):
-        self.generator_grads = [p.grad is not None and p.grad.abs().sum() > 0
-                                for p in pl_module.generator.parameters() if p.requires_grad]
+        self.generator_grads = [
+            p.grad is not None and p.grad.abs().sum() > 0
+            for p in pl_module.generator.parameters()
+            if p.requires_grad
+        ]
 
 
 def fit(system, steps=1, callbacks=()):
-    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu",
-                         use_distributed_sampler=False, callbacks=list(callbacks))
+    trainer = pl.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        accelerator="cpu",
+        use_distributed_sampler=False,
+        callbacks=list(callbacks),
+    )
     trainer.fit(system)
     return trainer
 

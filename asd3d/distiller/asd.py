@@ -19,28 +19,40 @@ class ASDDistiller(Distiller):
     One prior call with three blocks of rows: cond@t, uncond@t, cond@t+dt (mixed timesteps).
     """
 
-    def __init__(self, guidance_scale: float, eta: float, shift_mode: str = "random", **kwargs) -> None:
+    def __init__(
+        self, guidance_scale: float, eta: float, shift_mode: str = "random", **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         eta = float(eta)
         if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"distiller.eta={eta} is outside [0, 1]; the paper uses 0.1 (ablations 0, 0.2)")
+            raise ValueError(
+                f"distiller.eta={eta} is outside [0, 1]; the paper uses 0.1 (ablations 0, 0.2)"
+            )
         if shift_mode not in SHIFT_MODES:
-            raise ValueError(f"distiller.shift_mode={shift_mode!r} is unknown; use one of {', '.join(SHIFT_MODES)}")
+            raise ValueError(
+                f"distiller.shift_mode={shift_mode!r} is unknown; use one of {', '.join(SHIFT_MODES)}"
+            )
         self.guidance_scale = float(guidance_scale)
         self.eta = eta
         self.shift_mode = shift_mode
 
-    def gradient(self, z, t, eps, conditions, predict, alphas_cumprod, t_min, group_size, generator):
-        dt = sample_timestep_shift(t, t_min, self.eta, self.shift_mode, group_size,
-                                   alphas_cumprod.shape[0], generator)
+    def gradient(
+        self, z, t, eps, conditions, predict, alphas_cumprod, t_min, group_size, generator
+    ):
+        dt = sample_timestep_shift(
+            t, t_min, self.eta, self.shift_mode, group_size, alphas_cumprod.shape[0], generator
+        )
         t_shifted = t + dt
         x_t = math.add_noise(z, eps, gather_abar(alphas_cumprod, t))
         x_shifted = math.add_noise(z, eps, gather_abar(alphas_cumprod, t_shifted))
-        eps_cond, eps_uncond, eps_cond_shifted = predict_batched(predict, [
-            Query(x_t, t, conditions.positive),
-            Query(x_t, t, conditions.negative),
-            Query(x_shifted, t_shifted, conditions.positive),
-        ])
+        eps_cond, eps_uncond, eps_cond_shifted = predict_batched(
+            predict,
+            [
+                Query(x_t, t, conditions.positive),
+                Query(x_t, t, conditions.negative),
+                Query(x_shifted, t_shifted, conditions.positive),
+            ],
+        )
         guided = math.classifier_free_guidance(eps_cond, eps_uncond, self.guidance_scale)
         grad = math.asd_gradient(guided, eps_cond_shifted, self.weight(alphas_cumprod, t))
         return grad, t_shifted

@@ -51,11 +51,18 @@ class Distiller(nn.Module, abc.ABC):
         grad_clip: optional element-wise clamp of the update (``null`` for none).
     """
 
-    def __init__(self, t_min: Schedule, t_max: Schedule, weighting: str = "sds",
-                 grad_clip: float | None = None) -> None:
+    def __init__(
+        self,
+        t_min: Schedule,
+        t_max: Schedule,
+        weighting: str = "sds",
+        grad_clip: float | None = None,
+    ) -> None:
         super().__init__()
         if weighting not in math.WEIGHTINGS:
-            raise ValueError(f"unknown weighting {weighting!r}; use one of {', '.join(math.WEIGHTINGS)}")
+            raise ValueError(
+                f"unknown weighting {weighting!r}; use one of {', '.join(math.WEIGHTINGS)}"
+            )
         self.t_min = t_min
         self.t_max = t_max
         self.weighting = weighting
@@ -65,26 +72,51 @@ class Distiller(nn.Module, abc.ABC):
         """``(T_min, T_max)`` at this point of the run, as integers."""
         return int(round(self.t_min(fraction))), int(round(self.t_max(fraction)))
 
-    def forward(self, z: Float[Tensor, "B C h w"], conditions: ConditionPair, predict: PredictFn,
-                alphas_cumprod: Float[Tensor, "T"], fraction: float, group_size: int = 1,
-                generator: torch.Generator | None = None) -> DistillOutput:
+    def forward(
+        self,
+        z: Float[Tensor, "B C h w"],
+        conditions: ConditionPair,
+        predict: PredictFn,
+        alphas_cumprod: Float[Tensor, "T"],
+        fraction: float,
+        group_size: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> DistillOutput:
         """Sample ``t`` and ``eps``, query the prior once, return the surrogate loss."""
         t_min, t_max = self.timestep_range(fraction)
-        t = sample_timesteps(z.shape[0] // group_size, group_size, t_min, t_max, generator, z.device)
-        eps = torch.randn(z.shape, generator=generator, dtype=z.dtype,
-                          device=generator.device if generator is not None else "cpu").to(z.device)
-        grad, t_shifted = self.gradient(z.detach(), t, eps, conditions, predict, alphas_cumprod,
-                                        t_min, group_size, generator)
+        t = sample_timesteps(
+            z.shape[0] // group_size, group_size, t_min, t_max, generator, z.device
+        )
+        eps = torch.randn(
+            z.shape,
+            generator=generator,
+            dtype=z.dtype,
+            device=generator.device if generator is not None else "cpu",
+        ).to(z.device)
+        grad, t_shifted = self.gradient(
+            z.detach(), t, eps, conditions, predict, alphas_cumprod, t_min, group_size, generator
+        )
         grad = math.sanitize_gradient(grad, self.grad_clip)
-        return DistillOutput(loss=math.surrogate_loss(z, grad), grad=grad, timesteps=t,
-                             shifted_timesteps=t_shifted)
+        return DistillOutput(
+            loss=math.surrogate_loss(z, grad), grad=grad, timesteps=t, shifted_timesteps=t_shifted
+        )
 
-    def weight(self, alphas_cumprod: Float[Tensor, "T"], t: Int[Tensor, "B"]) -> Float[Tensor, "B 1 1 1"]:
+    def weight(
+        self, alphas_cumprod: Float[Tensor, "T"], t: Int[Tensor, "B"]
+    ) -> Float[Tensor, "B 1 1 1"]:
         return math.timestep_weight(gather_abar(alphas_cumprod, t), self.weighting)
 
     @abc.abstractmethod
-    def gradient(self, z: Float[Tensor, "B C h w"], t: Int[Tensor, "B"], eps: Float[Tensor, "B C h w"],
-                 conditions: ConditionPair, predict: PredictFn, alphas_cumprod: Float[Tensor, "T"],
-                 t_min: int, group_size: int, generator: torch.Generator | None,
-                 ) -> tuple[Float[Tensor, "B C h w"], Int[Tensor, "B"] | None]:
+    def gradient(
+        self,
+        z: Float[Tensor, "B C h w"],
+        t: Int[Tensor, "B"],
+        eps: Float[Tensor, "B C h w"],
+        conditions: ConditionPair,
+        predict: PredictFn,
+        alphas_cumprod: Float[Tensor, "T"],
+        t_min: int,
+        group_size: int,
+        generator: torch.Generator | None,
+    ) -> tuple[Float[Tensor, "B C h w"], Int[Tensor, "B"] | None]:
         """The method's update ``grad`` (before sanitising) and, for ASD, the shifted timesteps."""

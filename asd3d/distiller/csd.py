@@ -15,9 +15,12 @@ class CSDDistiller(Distiller):
         super().__init__(**kwargs)
         self.guidance_scale = float(guidance_scale)
 
-    def gradient(self, z, t, eps, conditions, predict, alphas_cumprod, t_min, group_size, generator):
+    def gradient(
+        self, z, t, eps, conditions, predict, alphas_cumprod, t_min, group_size, generator
+    ):
         x_t = math.add_noise(z, eps, gather_abar(alphas_cumprod, t))
-        eps_cond, eps_uncond = predict_batched(predict, [Query(x_t, t, conditions.positive),
-                                                         Query(x_t, t, conditions.negative)])
+        eps_cond, eps_uncond = predict_batched(
+            predict, [Query(x_t, t, conditions.positive), Query(x_t, t, conditions.negative)]
+        )
         weight = self.weight(alphas_cumprod, t)
         return math.csd_gradient(eps_cond, eps_uncond, weight, self.guidance_scale), None

@@ -16,14 +16,16 @@ from torch import Tensor
 WEIGHTINGS = ("sds", "uniform", "fantasia")
 
 
-def add_noise(z: Float[Tensor, "B C h w"], eps: Float[Tensor, "B C h w"],
-              abar: Float[Tensor, "B 1 1 1"]) -> Float[Tensor, "B C h w"]:
+def add_noise(
+    z: Float[Tensor, "B C h w"], eps: Float[Tensor, "B C h w"], abar: Float[Tensor, "B 1 1 1"]
+) -> Float[Tensor, "B C h w"]:
     """Forward diffusion ``x_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps`` (paper Eq. 1)."""
     return abar.sqrt() * z + (1.0 - abar).sqrt() * eps
 
 
-def classifier_free_guidance(eps_cond: Float[Tensor, "B C h w"], eps_uncond: Float[Tensor, "B C h w"],
-                             scale: float) -> Float[Tensor, "B C h w"]:
+def classifier_free_guidance(
+    eps_cond: Float[Tensor, "B C h w"], eps_uncond: Float[Tensor, "B C h w"], scale: float
+) -> Float[Tensor, "B C h w"]:
     """``eps_uncond + s (eps_cond - eps_uncond)`` (Ho & Salimans).
 
     This is the usual form; threestudio's SDS uses ``eps_cond + s (eps_cond - eps_uncond)``,
@@ -45,20 +47,30 @@ def timestep_weight(abar: Float[Tensor, "B 1 1 1"], kind: str) -> Float[Tensor, 
     raise ValueError(f"unknown weighting {kind!r}; use one of {', '.join(WEIGHTINGS)}")
 
 
-def sds_gradient(eps_guided: Float[Tensor, "B C h w"], eps: Float[Tensor, "B C h w"],
-                 weight: Float[Tensor, "B 1 1 1"]) -> Float[Tensor, "B C h w"]:
+def sds_gradient(
+    eps_guided: Float[Tensor, "B C h w"],
+    eps: Float[Tensor, "B C h w"],
+    weight: Float[Tensor, "B 1 1 1"],
+) -> Float[Tensor, "B C h w"]:
     """SDS (DreamFusion; paper Eq. 3): ``w(t) (eps_cfg(x_t, t) - eps)``."""
     return weight * (eps_guided - eps)
 
 
-def csd_gradient(eps_cond: Float[Tensor, "B C h w"], eps_uncond: Float[Tensor, "B C h w"],
-                 weight: Float[Tensor, "B 1 1 1"], scale: float = 1.0) -> Float[Tensor, "B C h w"]:
+def csd_gradient(
+    eps_cond: Float[Tensor, "B C h w"],
+    eps_uncond: Float[Tensor, "B C h w"],
+    weight: Float[Tensor, "B 1 1 1"],
+    scale: float = 1.0,
+) -> Float[Tensor, "B C h w"]:
     """CSD (Yu et al.; paper Eq. 5): ``w(t) s (eps_cond(x_t, t) - eps_uncond(x_t, t))``."""
     return weight * scale * (eps_cond - eps_uncond)
 
 
-def asd_gradient(eps_guided: Float[Tensor, "B C h w"], eps_cond_shifted: Float[Tensor, "B C h w"],
-                 weight: Float[Tensor, "B 1 1 1"]) -> Float[Tensor, "B C h w"]:
+def asd_gradient(
+    eps_guided: Float[Tensor, "B C h w"],
+    eps_cond_shifted: Float[Tensor, "B C h w"],
+    weight: Float[Tensor, "B 1 1 1"],
+) -> Float[Tensor, "B C h w"]:
     """ASD (paper Eq. 8, Alg. 1): ``w(t) (eps_cfg(x_t, t) - eps_cond(x_{t+dt}, t+dt))``.
 
     Both noisy inputs share the same ``eps``; ``w`` is evaluated at ``t``. With ``dt = 0`` this
@@ -67,7 +79,9 @@ def asd_gradient(eps_guided: Float[Tensor, "B C h w"], eps_cond_shifted: Float[T
     return weight * (eps_guided - eps_cond_shifted)
 
 
-def sanitize_gradient(grad: Float[Tensor, "B C h w"], clip: float | None) -> Float[Tensor, "B C h w"]:
+def sanitize_gradient(
+    grad: Float[Tensor, "B C h w"], clip: float | None
+) -> Float[Tensor, "B C h w"]:
     """``nan_to_num`` then an optional element-wise clamp to ``[-clip, clip]`` (as the release)."""
     grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
     if clip is not None:
@@ -75,7 +89,9 @@ def sanitize_gradient(grad: Float[Tensor, "B C h w"], clip: float | None) -> Flo
     return grad
 
 
-def surrogate_loss(z: Float[Tensor, "B C h w"], grad: Float[Tensor, "B C h w"]) -> Float[Tensor, ""]:
+def surrogate_loss(
+    z: Float[Tensor, "B C h w"], grad: Float[Tensor, "B C h w"]
+) -> Float[Tensor, ""]:
     """``0.5 sum((z - stopgrad(z - grad))^2) / B``, whose gradient w.r.t. ``z`` is ``grad / B``."""
     target = (z - grad).detach()
     return 0.5 * (z - target).pow(2).sum() / z.shape[0]

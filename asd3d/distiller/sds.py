@@ -15,9 +15,12 @@ class SDSDistiller(Distiller):
         super().__init__(**kwargs)
         self.guidance_scale = float(guidance_scale)
 
-    def gradient(self, z, t, eps, conditions, predict, alphas_cumprod, t_min, group_size, generator):
+    def gradient(
+        self, z, t, eps, conditions, predict, alphas_cumprod, t_min, group_size, generator
+    ):
         x_t = math.add_noise(z, eps, gather_abar(alphas_cumprod, t))
-        eps_cond, eps_uncond = predict_batched(predict, [Query(x_t, t, conditions.positive),
-                                                         Query(x_t, t, conditions.negative)])
+        eps_cond, eps_uncond = predict_batched(
+            predict, [Query(x_t, t, conditions.positive), Query(x_t, t, conditions.negative)]
+        )
         guided = math.classifier_free_guidance(eps_cond, eps_uncond, self.guidance_scale)
         return math.sds_gradient(guided, eps, self.weight(alphas_cumprod, t)), None

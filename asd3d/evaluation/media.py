@@ -199,7 +199,8 @@ def contact_sheet(
     """Tile ``3 x H x W`` images (a list, or ``N x 3 x H x W``) into one ``uint8`` RGB array.
 
     Images may differ in size (cells take the largest). With ``labels`` (one per image), a text
-    strip under each cell shows the label in black, truncated with "..." to the cell width; if
+    strip under each cell shows the label in black, truncated with "..." to the width it may use:
+    its own cell and the following cells of its row whose labels are empty; if
     Pillow is unavailable the strip stays blank. ``background`` is the grey level of padding.
     """
     items = _as_list(images)
@@ -226,9 +227,11 @@ def contact_sheet(
     ncols = min(ncols, len(items))
     for index, label in enumerate(labels):
         row, col = divmod(index, ncols)
+        span = 1
+        while col + span < ncols and index + span < len(labels) and not labels[index + span]:
+            span += 1
+        width = span * cell_width + (span - 1) * pad
         left = pad + col * (cell_width + pad)
         top = pad + row * (cell_height + label_height + pad) + cell_height + 1
-        draw.text(
-            (left + 1, top), _fit(str(label), font, cell_width - 2), fill=(0, 0, 0), font=font
-        )
+        draw.text((left + 1, top), _fit(str(label), font, width - 2), fill=(0, 0, 0), font=font)
     return np.asarray(canvas, dtype=np.uint8).copy()

@@ -31,8 +31,9 @@ class ProceduralOracle:
     be composited over :attr:`background_rgb`, the ground truth's background.
     """
 
-    def __init__(self, corpus: ProceduralCorpus, ground_truth: GroundTruthRenderer,
-                 chunk_views: int = 256) -> None:
+    def __init__(
+        self, corpus: ProceduralCorpus, ground_truth: GroundTruthRenderer, chunk_views: int = 256
+    ) -> None:
         self.corpus = corpus
         self.ground_truth = ground_truth
         self.chunk_views = chunk_views
@@ -49,9 +50,15 @@ class ProceduralOracle:
     def applies_to(corpus: object) -> bool:
         return isinstance(corpus, ProceduralCorpus)
 
-    def bank(self, cameras: Cameras, resolution: int) -> tuple[Float[Tensor, "Q V 3 r r"], Float[Tensor, "Q V 1 r r"]]:
+    def bank(
+        self, cameras: Cameras, resolution: int
+    ) -> tuple[Float[Tensor, "Q V 3 r r"], Float[Tensor, "Q V 1 r r"]]:
         """Ground truth of every test prompt at the ``V`` cameras (computed once, then cached)."""
-        key = (resolution, cameras.c2w.cpu().numpy().tobytes(), cameras.fovy.cpu().numpy().tobytes())
+        key = (
+            resolution,
+            cameras.c2w.cpu().numpy().tobytes(),
+            cameras.fovy.cpu().numpy().tobytes(),
+        )
         if self._bank_key != key:
             q, v = len(self.test_texts), len(cameras)
             texts = [t for t in self.test_texts for _ in range(v)]
@@ -59,20 +66,27 @@ class ProceduralOracle:
             rgb, opacity = [], []
             for start in range(0, len(texts), self.chunk_views):
                 stop = start + self.chunk_views
-                out = self.ground_truth(texts[start:stop],
-                                        flat.index(torch.arange(start, min(stop, len(texts)),
-                                                                device=flat.c2w.device)), resolution)
+                out = self.ground_truth(
+                    texts[start:stop],
+                    flat.index(torch.arange(start, min(stop, len(texts)), device=flat.c2w.device)),
+                    resolution,
+                )
                 rgb.append(out.rgb)
                 opacity.append(out.opacity)
-            self._bank = RenderOutput(rgb=torch.cat(rgb).view(q, v, 3, resolution, resolution),
-                                      opacity=torch.cat(opacity).view(q, v, 1, resolution, resolution),
-                                      depth=torch.empty(0))
+            self._bank = RenderOutput(
+                rgb=torch.cat(rgb).view(q, v, 3, resolution, resolution),
+                opacity=torch.cat(opacity).view(q, v, 1, resolution, resolution),
+                depth=torch.empty(0),
+            )
             self._bank_key = key
+        assert self._bank is not None
         return self._bank.rgb, self._bank.opacity
 
     def own_index(self, text: str) -> int:
         if text not in self._index:
-            raise ValueError(f"prompt {text!r} is not in the corpus's test split; oracle metrics score test prompts")
+            raise ValueError(
+                f"prompt {text!r} is not in the corpus's test split; oracle metrics score test prompts"
+            )
         return self._index[text]
 
     @torch.no_grad()

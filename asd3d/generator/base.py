@@ -53,8 +53,10 @@ class Generator(nn.Module, abc.ABC):
         """The embedding named by ``text_input``, with a clear error when it was not provided."""
         value = getattr(prompts, self.text_input)
         if value is None:
-            raise ValueError(f"{type(self).__name__} reads prompts.{self.text_input}, "
-                             "but the PromptBatch has none")
+            raise ValueError(
+                f"{type(self).__name__} reads prompts.{self.text_input}, "
+                "but the PromptBatch has none"
+            )
         return value
 
 
@@ -86,8 +88,9 @@ class BiasFreeMLP(nn.Module):
         return self.layers(x)
 
 
-def batched_bias_free_mlp(x: Float[Tensor, "P N Din"],
-                          weights: Sequence[Float[Tensor, "P Dout_i Din_i"]]) -> Float[Tensor, "P N Dout"]:
+def batched_bias_free_mlp(
+    x: Float[Tensor, "P N Din"], weights: Sequence[Float[Tensor, "P Dout_i Din_i"]]
+) -> Float[Tensor, "P N Dout"]:
     """A bias-free ReLU MLP with one weight set per prompt (e.g. produced by a hypernetwork).
 
     ``weights[i]`` has the ``nn.Linear`` layout ``out x in`` per prompt.
@@ -111,9 +114,14 @@ class DecodedField:
     ``rgb_activation`` (sigmoid unless stated).
     """
 
-    def __init__(self, lookup: Callable[[Tensor], Tensor], sdf_decoder: Decoder,
-                 rgb_decoder: Decoder, sphere_bias_radius: float | None,
-                 rgb_activation: Callable[[Tensor], Tensor] = torch.sigmoid) -> None:
+    def __init__(
+        self,
+        lookup: Callable[[Tensor], Tensor],
+        sdf_decoder: Decoder,
+        rgb_decoder: Decoder,
+        sphere_bias_radius: float | None,
+        rgb_activation: Callable[[Tensor], Tensor] = torch.sigmoid,
+    ) -> None:
         self.lookup = lookup
         self.sdf_decoder = sdf_decoder
         self.rgb_decoder = rgb_decoder

@@ -64,8 +64,9 @@ def normalize_2nd_moment(x: Float[Tensor, "P C"], eps: float = 1e-8) -> Float[Te
 class EqualizedLinear(nn.Module):
     """Fully-connected layer with equalised learning rate, optional ``lrelu * sqrt(2)``."""
 
-    def __init__(self, in_features: int, out_features: int, lrelu: bool = False,
-                 bias_init: float = 0.0) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, lrelu: bool = False, bias_init: float = 0.0
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_features, in_features))
         self.bias = nn.Parameter(torch.full((out_features,), float(bias_init)))
@@ -77,8 +78,12 @@ class EqualizedLinear(nn.Module):
         return F.leaky_relu(x, 0.2) * _LRELU_GAIN if self.lrelu else x
 
 
-def modulated_conv3d(x: Float[Tensor, "P Ci D H W"], weight: Float[Tensor, "Co Ci k k k"],
-                     styles: Float[Tensor, "P Ci"], demodulate: bool) -> Float[Tensor, "P Co D H W"]:
+def modulated_conv3d(
+    x: Float[Tensor, "P Ci D H W"],
+    weight: Float[Tensor, "Co Ci k k k"],
+    styles: Float[Tensor, "P Ci"],
+    demodulate: bool,
+) -> Float[Tensor, "P Co D H W"]:
     """StyleGAN2 modulated convolution (zero padding ``k // 2``).
 
     Computed as scale-input -> shared conv -> scale-output, which equals convolving with the
@@ -107,8 +112,9 @@ class SynthesisLayer(nn.Module):
 
     noise_const: Tensor
 
-    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int,
-                 upsample: bool) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, w_dim: int, resolution: int, upsample: bool
+    ) -> None:
         super().__init__()
         self.resolution = resolution
         self.upsample = upsample
@@ -119,8 +125,13 @@ class SynthesisLayer(nn.Module):
         self.noise_strength = nn.Parameter(torch.zeros(1))
         self.bias = nn.Parameter(torch.zeros(out_channels))
 
-    def forward(self, x: Float[Tensor, "P Ci r r r"], w: Float[Tensor, "P W"],
-                noise_mode: NoiseMode, generator: torch.Generator | None) -> Float[Tensor, "P Co R R R"]:
+    def forward(
+        self,
+        x: Float[Tensor, "P Ci r r r"],
+        w: Float[Tensor, "P W"],
+        noise_mode: NoiseMode,
+        generator: torch.Generator | None,
+    ) -> Float[Tensor, "P Co R R R"]:
         x = modulated_conv3d(x, self.weight, self.affine(w), demodulate=True)
         if self.upsample:
             x = upsample2x(x)
@@ -149,7 +160,9 @@ class ToRGBLayer(nn.Module):
         # Without demodulation the fan-in scaling has to be applied to the styles.
         self.weight_gain = 1.0 / math.sqrt(in_channels)
 
-    def forward(self, x: Float[Tensor, "P Ci R R R"], w: Float[Tensor, "P W"]) -> Float[Tensor, "P Co R R R"]:
+    def forward(
+        self, x: Float[Tensor, "P Ci R R R"], w: Float[Tensor, "P W"]
+    ) -> Float[Tensor, "P Co R R R"]:
         styles = self.affine(w) * self.weight_gain
         x = modulated_conv3d(x, self.weight, styles, demodulate=False)
         return x + self.bias[None, :, None, None, None]
@@ -164,8 +177,9 @@ class SynthesisPrologue(nn.Module):
         self.conv1 = SynthesisLayer(channels, channels, w_dim, resolution, upsample=False)
         self.torgb = ToRGBLayer(channels, out_channels, w_dim)
 
-    def forward(self, w: Tensor, noise_mode: NoiseMode,
-                generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, w: Tensor, noise_mode: NoiseMode, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
         x = self.const.unsqueeze(0).expand(w.shape[0], -1, -1, -1, -1)
         x = self.conv1(x, w, noise_mode, generator)
         return x, self.torgb(x, w)
@@ -174,18 +188,36 @@ class SynthesisPrologue(nn.Module):
 class SynthesisBlock(nn.Module):
     """conv0 (x2 up) -> learned 3D bias -> conv1 -> ToRGB, added to the upsampled skip output."""
 
-    def __init__(self, in_channels: int, channels: int, w_dim: int, resolution: int,
-                 out_channels: int, use_bias_tensor: bool) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        w_dim: int,
+        resolution: int,
+        out_channels: int,
+        use_bias_tensor: bool,
+    ) -> None:
         super().__init__()
         self.conv0 = SynthesisLayer(in_channels, channels, w_dim, resolution, upsample=True)
         self.conv1 = SynthesisLayer(channels, channels, w_dim, resolution, upsample=False)
         self.torgb = ToRGBLayer(channels, out_channels, w_dim)
         # A prompt-independent 3D layout prior; std 1/sqrt(C) as in the release.
-        self.const_bias = (nn.Parameter(torch.randn(channels, resolution, resolution, resolution)
-                                        / math.sqrt(channels)) if use_bias_tensor else None)
+        self.const_bias = (
+            nn.Parameter(
+                torch.randn(channels, resolution, resolution, resolution) / math.sqrt(channels)
+            )
+            if use_bias_tensor
+            else None
+        )
 
-    def forward(self, x: Tensor, img: Tensor, w: Tensor, noise_mode: NoiseMode,
-                generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        x: Tensor,
+        img: Tensor,
+        w: Tensor,
+        noise_mode: NoiseMode,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor]:
         x = self.conv0(x, w, noise_mode, generator)
         if self.const_bias is not None:
             x = x + self.const_bias
@@ -199,8 +231,9 @@ class MappingNetwork(nn.Module):
     def __init__(self, z_dim: int, text_dim: int, w_dim: int, num_layers: int) -> None:
         super().__init__()
         dims = [z_dim] + [w_dim] * num_layers
-        self.layers = nn.ModuleList(EqualizedLinear(a, b, lrelu=True)
-                                    for a, b in zip(dims[:-1], dims[1:], strict=True))
+        self.layers = nn.ModuleList(
+            EqualizedLinear(a, b, lrelu=True) for a, b in zip(dims[:-1], dims[1:], strict=True)
+        )
         self.embed = EqualizedLinear(dims[-1] + text_dim, w_dim)
 
     def forward(self, z: Float[Tensor, "P Z"], text: Float[Tensor, "P D"]) -> Float[Tensor, "P W"]:
@@ -213,8 +246,14 @@ class MappingNetwork(nn.Module):
 class SynthesisNetwork(nn.Module):
     """Constant 4^3 -> ... -> ``output_resolution``^3, skip-summed ToRGB outputs."""
 
-    def __init__(self, w_dim: int, channels: Mapping[int, int], output_resolution: int,
-                 feature_dim: int, bias_max_resolution: int) -> None:
+    def __init__(
+        self,
+        w_dim: int,
+        channels: Mapping[int, int],
+        output_resolution: int,
+        feature_dim: int,
+        bias_max_resolution: int,
+    ) -> None:
         super().__init__()
         resolutions = [4 * 2**i for i in range(int(math.log2(output_resolution // 4)) + 1)]
         if resolutions[-1] != output_resolution:
@@ -224,20 +263,29 @@ class SynthesisNetwork(nn.Module):
             raise ValueError(f"channel table {dict(channels)} lacks resolutions {missing}")
         self.first_block = SynthesisPrologue(channels[4], w_dim, 4, feature_dim)
         self.blocks = nn.ModuleList(
-            SynthesisBlock(channels[r // 2], channels[r], w_dim, r, feature_dim,
-                           use_bias_tensor=r <= bias_max_resolution)
-            for r in resolutions[1:])
+            SynthesisBlock(
+                channels[r // 2],
+                channels[r],
+                w_dim,
+                r,
+                feature_dim,
+                use_bias_tensor=r <= bias_max_resolution,
+            )
+            for r in resolutions[1:]
+        )
 
-    def forward(self, w: Float[Tensor, "P W"], noise_mode: NoiseMode,
-                generator: torch.Generator | None) -> Float[Tensor, "P C R R R"]:
+    def forward(
+        self, w: Float[Tensor, "P W"], noise_mode: NoiseMode, generator: torch.Generator | None
+    ) -> Float[Tensor, "P C R R R"]:
         x, img = self.first_block(w, noise_mode, generator)
         for block in self.blocks:
             x, img = block(x, img, w, noise_mode, generator)
         return img
 
 
-def sample_volume(volume: Float[Tensor, "P C D H W"], points: Float[Tensor, "P N 3"],
-                  radius: float) -> Float[Tensor, "P N C"]:
+def sample_volume(
+    volume: Float[Tensor, "P C D H W"], points: Float[Tensor, "P N 3"], radius: float
+) -> Float[Tensor, "P N C"]:
     """Trilinear lookup of per-prompt feature volumes at world points in ``[-radius, radius]^3``.
 
     Axis order (``F.grid_sample``): point ``x`` indexes the volume's last axis ``W``, ``y`` indexes
@@ -246,7 +294,9 @@ def sample_volume(volume: Float[Tensor, "P C D H W"], points: Float[Tensor, "P N
     """
     num_prompts, channels = volume.shape[:2]
     if points.shape[0] != num_prompts:
-        raise ValueError(f"points are grouped for {points.shape[0]} prompts, volume has {num_prompts}")
+        raise ValueError(
+            f"points are grouped for {points.shape[0]} prompts, volume has {num_prompts}"
+        )
     grid = (points / radius).to(volume.dtype).reshape(num_prompts, 1, 1, -1, 3)
     out = F.grid_sample(volume, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out.reshape(num_prompts, channels, -1).transpose(1, 2)
@@ -255,10 +305,20 @@ def sample_volume(volume: Float[Tensor, "P C D H W"], points: Float[Tensor, "P N
 class VoxelField(DecodedField):
     """The field of a feature volume; keeps ``volume`` (``P x C x R^3``) for inspection/export."""
 
-    def __init__(self, volume: Float[Tensor, "P C R R R"], radius: float, sdf_decoder: Decoder,
-                 rgb_decoder: Decoder, sphere_bias_radius: float | None) -> None:
-        super().__init__(partial(sample_volume, volume, radius=radius), sdf_decoder, rgb_decoder,
-                         sphere_bias_radius)
+    def __init__(
+        self,
+        volume: Float[Tensor, "P C R R R"],
+        radius: float,
+        sdf_decoder: Decoder,
+        rgb_decoder: Decoder,
+        sphere_bias_radius: float | None,
+    ) -> None:
+        super().__init__(
+            partial(sample_volume, volume, radius=radius),
+            sdf_decoder,
+            rgb_decoder,
+            sphere_bias_radius,
+        )
         self.volume = volume
         self.radius = radius
 
@@ -287,10 +347,22 @@ class ThreeDConvGenerator(Generator):
 
     text_input: ClassVar[TextInput] = "pooled"
 
-    def __init__(self, text_dim: int, z_dim: int, w_dim: int, mapping_layers: int,
-                 channels: Mapping[int, int], output_resolution: int, bias_max_resolution: int,
-                 feature_dim: int, decoder_hidden: int, radius: float,
-                 sphere_bias_radius: float | None, noise_mode: NoiseMode, z_mode: ZMode) -> None:
+    def __init__(
+        self,
+        text_dim: int,
+        z_dim: int,
+        w_dim: int,
+        mapping_layers: int,
+        channels: Mapping[int, int],
+        output_resolution: int,
+        bias_max_resolution: int,
+        feature_dim: int,
+        decoder_hidden: int,
+        radius: float,
+        sphere_bias_radius: float | None,
+        noise_mode: NoiseMode,
+        z_mode: ZMode,
+    ) -> None:
         super().__init__()
         if noise_mode not in ("random", "const", "off"):
             raise ValueError(f"noise_mode must be random | const | off, got {noise_mode!r}")
@@ -303,20 +375,26 @@ class ThreeDConvGenerator(Generator):
         self.noise_mode: NoiseMode = noise_mode
         self.z_mode: ZMode = z_mode
         self.mapping = MappingNetwork(z_dim, text_dim, w_dim, mapping_layers)
-        self.synthesis = SynthesisNetwork(w_dim, channels, output_resolution, feature_dim,
-                                          bias_max_resolution)
+        self.synthesis = SynthesisNetwork(
+            w_dim, channels, output_resolution, feature_dim, bias_max_resolution
+        )
         self.sdf_network = BiasFreeMLP([feature_dim, decoder_hidden, 1])
         self.rgb_network = BiasFreeMLP([feature_dim, decoder_hidden, 3])
 
-    def sample_z(self, num_prompts: int, generator: torch.Generator | None,
-                 like: Tensor) -> Float[Tensor, "P Z"]:
+    def sample_z(
+        self, num_prompts: int, generator: torch.Generator | None, like: Tensor
+    ) -> Float[Tensor, "P Z"]:
         """Latent codes according to ``z_mode`` (dtype/device of ``like``)."""
         if self.z_mode == "zero":
             return like.new_zeros(num_prompts, self.z_dim)
         return _randn((num_prompts, self.z_dim), generator, like)
 
-    def synthesize(self, text: Float[Tensor, "P D"], z: Float[Tensor, "P Z"] | None = None,
-                   generator: torch.Generator | None = None) -> Float[Tensor, "P C R R R"]:
+    def synthesize(
+        self,
+        text: Float[Tensor, "P D"],
+        z: Float[Tensor, "P Z"] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Float[Tensor, "P C R R R"]:
         """The feature volume for pooled text embeddings (``z`` drawn per ``z_mode`` if omitted).
 
         ``z`` is drawn before any noise, so a seeded ``generator`` fixes both.
@@ -329,8 +407,13 @@ class ThreeDConvGenerator(Generator):
 
     def field(self, volume: Float[Tensor, "P C R R R"]) -> VoxelField:
         """Wrap a feature volume with this generator's decoders."""
-        return VoxelField(volume, self.radius, sdf_decoder=self.sdf_network,
-                          rgb_decoder=self.rgb_network, sphere_bias_radius=self.sphere_bias_radius)
+        return VoxelField(
+            volume,
+            self.radius,
+            sdf_decoder=self.sdf_network,
+            rgb_decoder=self.rgb_network,
+            sphere_bias_radius=self.sphere_bias_radius,
+        )
 
     def forward(self, prompts: PromptBatch, generator: torch.Generator | None = None) -> VoxelField:
         return self.field(self.synthesize(self.text_embedding(prompts), generator=generator))
@@ -343,13 +426,16 @@ def release_state_dict_to_generator(state: Mapping[str, Tensor]) -> dict[str, Te
     ``geometry.sdf_network.layers.*``, ``geometry.feature_network.layers.*``) and drops what this
     module does not hold (the unused ``mapping.w_avg``, ``geometry.bbox``, other modules).
     """
-    renames = {"geometry.space_generator.": "", "geometry.sdf_network.": "sdf_network.",
-               "geometry.feature_network.": "rgb_network."}
+    renames = {
+        "geometry.space_generator.": "",
+        "geometry.sdf_network.": "sdf_network.",
+        "geometry.feature_network.": "rgb_network.",
+    }
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         for old, new in renames.items():
             if key.startswith(old):
-                name = new + key[len(old):]
+                name = new + key[len(old) :]
                 if name != "mapping.w_avg":
                     out[name] = value
                 break

@@ -36,13 +36,15 @@ class Prior(nn.Module, abc.ABC):
         """Per-view positive and negative conditions for ``B = P * V`` rendered views."""
 
     @abc.abstractmethod
-    def encode_images(self, rgb: Float[Tensor, "B 3 H W"],
-                      generator: torch.Generator | None = None) -> Float[Tensor, "B C h w"]:
+    def encode_images(
+        self, rgb: Float[Tensor, "B 3 H W"], generator: torch.Generator | None = None
+    ) -> Float[Tensor, "B C h w"]:
         """Map renders in ``[0, 1]`` to the space the diffusion model works in (differentiably)."""
 
     @abc.abstractmethod
-    def predict_eps(self, x_t: Float[Tensor, "N C h w"], t: Int[Tensor, "N"],
-                    condition: Condition) -> Float[Tensor, "N C h w"]:
+    def predict_eps(
+        self, x_t: Float[Tensor, "N C h w"], t: Int[Tensor, "N"], condition: Condition
+    ) -> Float[Tensor, "N C h w"]:
         """The model's noise prediction ``eps_hat(x_t, t, c)`` per row."""
 
     def freeze(self) -> Prior:

@@ -46,20 +46,35 @@ class ProceduralPrior(Prior):
         seed: picks the mixture's other scenes (with the prompt's hash).
     """
 
-    def __init__(self, corpus: ProceduralCorpus, text_encoder: ProceduralTextEncoder, text_dim: int,
-                 resolution: int, data_std: float, mixture_size: int,
-                 ground_truth: GroundTruthRenderer, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
-                 beta_schedule: str = "scaled_linear", seed: int = 0) -> None:
+    def __init__(
+        self,
+        corpus: ProceduralCorpus,
+        text_encoder: ProceduralTextEncoder,
+        text_dim: int,
+        resolution: int,
+        data_std: float,
+        mixture_size: int,
+        ground_truth: GroundTruthRenderer,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "scaled_linear",
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if not isinstance(corpus, ProceduralCorpus):
-            raise ValueError(f"prior=procedural needs corpus=procedural (got {type(corpus).__name__}); "
-                             "use a real prior (prior=sd21_base) for prompt-library corpora")
+            raise ValueError(
+                f"prior=procedural needs corpus=procedural (got {type(corpus).__name__}); "
+                "use a real prior (prior=sd21_base) for prompt-library corpora"
+            )
         if data_std <= 0:
             raise ValueError(f"prior.data_std={data_std} must be > 0")
         if mixture_size < 1:
             raise ValueError(f"prior.mixture_size={mixture_size} must be >= 1")
         if text_encoder.dim != text_dim:
-            raise ValueError(f"prior.text_dim={text_dim} differs from the text encoder's dim {text_encoder.dim}")
+            raise ValueError(
+                f"prior.text_dim={text_dim} differs from the text encoder's dim {text_encoder.dim}"
+            )
         self.corpus = corpus
         self.text_encoder = text_encoder
         self.text_dim = text_dim
@@ -68,8 +83,11 @@ class ProceduralPrior(Prior):
         self.mixture_size = min(int(mixture_size), corpus.size("train"))
         self.seed = seed
         self.ground_truth = ground_truth
-        self.register_buffer("alphas_cumprod", ddpm_alphas_cumprod(
-            num_train_timesteps, beta_start, beta_end, beta_schedule), persistent=False)
+        self.register_buffer(
+            "alphas_cumprod",
+            ddpm_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule),
+            persistent=False,
+        )
         self.freeze()
 
     # ----------------------------------------------------------------------------- interface
@@ -80,19 +98,27 @@ class ProceduralPrior(Prior):
         views = cameras.views_per_prompt
         texts = tuple(text for text in prompts.texts for _ in range(views))
         flags = torch.zeros(len(texts), dtype=torch.bool, device=cameras.c2w.device)
-        return ConditionPair(positive=Condition(texts, flags, cameras),
-                             negative=Condition(texts, ~flags, cameras))
+        return ConditionPair(
+            positive=Condition(texts, flags, cameras), negative=Condition(texts, ~flags, cameras)
+        )
 
-    def encode_images(self, rgb: Float[Tensor, "B 3 H W"],
-                      generator: torch.Generator | None = None) -> Float[Tensor, "B 3 r r"]:
+    def encode_images(
+        self, rgb: Float[Tensor, "B 3 H W"], generator: torch.Generator | None = None
+    ) -> Float[Tensor, "B 3 r r"]:
         if rgb.shape[-1] != self.resolution or rgb.shape[-2] != self.resolution:
-            rgb = F.interpolate(rgb, size=(self.resolution, self.resolution), mode="bilinear",
-                                align_corners=False, antialias=True)
+            rgb = F.interpolate(
+                rgb,
+                size=(self.resolution, self.resolution),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )
         return rgb * 2.0 - 1.0
 
     @torch.no_grad()
-    def predict_eps(self, x_t: Float[Tensor, "N 3 r r"], t: Int[Tensor, "N"],
-                    condition: Condition) -> Float[Tensor, "N 3 r r"]:
+    def predict_eps(
+        self, x_t: Float[Tensor, "N 3 r r"], t: Int[Tensor, "N"], condition: Condition
+    ) -> Float[Tensor, "N 3 r r"]:
         abar = gather_abar(self.alphas_cumprod, t).to(x_t.dtype)
         a, sigma = abar.sqrt(), (1.0 - abar).sqrt()
         variance = a.square() * self.data_std**2 + sigma.square()
@@ -121,7 +147,9 @@ class ProceduralPrior(Prior):
         return [text, *others]
 
     def _component_mask(self, condition: Condition, k: int) -> Tensor:
-        mask = torch.ones(len(condition), k, dtype=torch.bool, device=condition.unconditional.device)
+        mask = torch.ones(
+            len(condition), k, dtype=torch.bool, device=condition.unconditional.device
+        )
         mask[~condition.unconditional, 1:] = False
         return mask
 
@@ -132,7 +160,9 @@ class ProceduralPrior(Prior):
         jobs: list[tuple[str, int]] = []
         camera_keys = self._camera_ids(condition.cameras)
         slots = torch.empty(len(condition), k, dtype=torch.long)
-        for row, (text, uncond) in enumerate(zip(condition.texts, condition.unconditional.tolist())):
+        for row, (text, uncond) in enumerate(
+            zip(condition.texts, condition.unconditional.tolist())
+        ):
             prompts = self.mixture_prompts(text) if uncond else [text]
             for j in range(k):
                 key = (prompts[min(j, len(prompts) - 1)], camera_keys[row])
@@ -140,9 +170,12 @@ class ProceduralPrior(Prior):
                     keys[key] = len(jobs)
                     jobs.append(key)
                 slots[row, j] = keys[key]
-        images = self.render_ground_truth([text for text, _ in jobs],
-                                          condition.cameras.index(torch.tensor([row_of[1] for row_of in jobs])
-                                                                  .to(condition.cameras.c2w.device)))
+        images = self.render_ground_truth(
+            [text for text, _ in jobs],
+            condition.cameras.index(
+                torch.tensor([row_of[1] for row_of in jobs]).to(condition.cameras.c2w.device)
+            ),
+        )
         return (images * 2.0 - 1.0)[slots.to(images.device)]
 
     @staticmethod

@@ -15,8 +15,9 @@ from torch import Tensor, nn
 MAX_SH_DEGREE = 3
 
 
-def spherical_harmonics(directions: Float[Tensor, "*batch 3"], degree: int
-                        ) -> Float[Tensor, "*batch C"]:
+def spherical_harmonics(
+    directions: Float[Tensor, "*batch 3"], degree: int
+) -> Float[Tensor, "*batch C"]:
     """Real orthonormal spherical harmonics of bands ``l = 0..degree``: ``C = (degree + 1)^2``.
 
     The basis (and coefficient order) of tiny-cuda-nn's ``SphericalHarmonics`` encoding, whose
@@ -30,14 +31,23 @@ def spherical_harmonics(directions: Float[Tensor, "*batch 3"], degree: int
         out += [-0.48860251190291987 * y, 0.48860251190291987 * z, -0.48860251190291987 * x]
     if degree >= 2:
         xx, yy, zz = x * x, y * y, z * z
-        out += [1.0925484305920792 * x * y, -1.0925484305920792 * y * z,
-                0.94617469575755997 * zz - 0.31539156525251999, -1.0925484305920792 * x * z,
-                0.54627421529603959 * (xx - yy)]
+        out += [
+            1.0925484305920792 * x * y,
+            -1.0925484305920792 * y * z,
+            0.94617469575755997 * zz - 0.31539156525251999,
+            -1.0925484305920792 * x * z,
+            0.54627421529603959 * (xx - yy),
+        ]
     if degree >= 3:
-        out += [0.59004358992664352 * y * (yy - 3 * xx), 2.8906114426405538 * x * y * z,
-                0.45704579946446572 * y * (1 - 5 * zz), 0.3731763325901154 * z * (5 * zz - 3),
-                0.45704579946446572 * x * (1 - 5 * zz), 1.4453057213202769 * z * (xx - yy),
-                0.59004358992664352 * x * (3 * yy - xx)]
+        out += [
+            0.59004358992664352 * y * (yy - 3 * xx),
+            2.8906114426405538 * x * y * z,
+            0.45704579946446572 * y * (1 - 5 * zz),
+            0.3731763325901154 * z * (5 * zz - 3),
+            0.45704579946446572 * x * (1 - 5 * zz),
+            1.4453057213202769 * z * (xx - yy),
+            0.59004358992664352 * x * (3 * yy - xx),
+        ]
     return torch.stack(out, dim=-1)
 
 
@@ -55,14 +65,21 @@ class DirectionalBackground(nn.Module):
         bias: whether the linear layers have biases.
     """
 
-    def __init__(self, sh_degree: int = 2, hidden_features: int = 16, num_hidden_layers: int = 2,
-                 bias: bool = False) -> None:
+    def __init__(
+        self,
+        sh_degree: int = 2,
+        hidden_features: int = 16,
+        num_hidden_layers: int = 2,
+        bias: bool = False,
+    ) -> None:
         super().__init__()
         if not 0 <= sh_degree <= MAX_SH_DEGREE:
             raise ValueError(f"sh_degree={sh_degree} is outside [0, {MAX_SH_DEGREE}]")
         if hidden_features < 1 or num_hidden_layers < 0:
-            raise ValueError(f"hidden_features={hidden_features}, num_hidden_layers="
-                             f"{num_hidden_layers} must be positive / non-negative")
+            raise ValueError(
+                f"hidden_features={hidden_features}, num_hidden_layers="
+                f"{num_hidden_layers} must be positive / non-negative"
+            )
         self.sh_degree = sh_degree
         widths = [(sh_degree + 1) ** 2] + [hidden_features] * num_hidden_layers + [3]
         layers: list[nn.Module] = []

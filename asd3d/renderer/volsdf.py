@@ -34,9 +34,12 @@ OPTICAL_DEPTH_CLAMP = 60.0
 _FD_DIRECTIONS = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
 
 
-def ray_box_intersection(origins: Float[Tensor, "*R 3"], directions: Float[Tensor, "*R 3"],
-                         radius: float, near_min: float = 0.0
-                         ) -> tuple[Float[Tensor, "*R"], Float[Tensor, "*R"], Bool[Tensor, "*R"]]:
+def ray_box_intersection(
+    origins: Float[Tensor, "*R 3"],
+    directions: Float[Tensor, "*R 3"],
+    radius: float,
+    near_min: float = 0.0,
+) -> tuple[Float[Tensor, "*R"], Float[Tensor, "*R"], Bool[Tensor, "*R"]]:
     """Entry/exit distances of rays through the box ``[-radius, radius]^3`` (slab method).
 
     ``near`` is at least ``near_min`` (a camera inside the box starts there). Rays that miss the
@@ -59,15 +62,17 @@ def laplace_density(sdf: Float[Tensor, "*N"], beta: float) -> Float[Tensor, "*N"
     return torch.where(sdf >= 0, half, 1.0 - half) / beta
 
 
-def interval_edges(t: Float[Tensor, "*R S"], near: Float[Tensor, "*R"], far: Float[Tensor, "*R"]
-                   ) -> Float[Tensor, "*R S+1"]:
+def interval_edges(
+    t: Float[Tensor, "*R S"], near: Float[Tensor, "*R"], far: Float[Tensor, "*R"]
+) -> Float[Tensor, "*R S+1"]:
     """Boundaries of the intervals owned by sorted samples ``t``: near, midpoints, far."""
     mids = 0.5 * (t[..., 1:] + t[..., :-1])
     return torch.cat([near[..., None], mids, far[..., None]], dim=-1)
 
 
-def composite_weights(density: Float[Tensor, "*R S"], edges: Float[Tensor, "*R S+1"]
-                      ) -> Float[Tensor, "*R S"]:
+def composite_weights(
+    density: Float[Tensor, "*R S"], edges: Float[Tensor, "*R S+1"]
+) -> Float[Tensor, "*R S"]:
     """Volume-rendering weights ``w_i = T_i - T_{i+1}`` (sum = opacity ``1 - T_S``).
 
     Written as a difference of clamped transmittances (``T >= e^-60``) rather than
@@ -81,8 +86,9 @@ def composite_weights(density: Float[Tensor, "*R S"], edges: Float[Tensor, "*R S
     return transmittance[..., :-1] - transmittance[..., 1:]
 
 
-def sample_pdf(edges: Float[Tensor, "*R S+1"], weights: Float[Tensor, "*R S"],
-               u: Float[Tensor, "*R K"]) -> Float[Tensor, "*R K"]:
+def sample_pdf(
+    edges: Float[Tensor, "*R S+1"], weights: Float[Tensor, "*R S"], u: Float[Tensor, "*R K"]
+) -> Float[Tensor, "*R K"]:
     """Inverse-CDF samples of the piecewise-constant density ``weights`` over ``edges``.
 
     ``u`` in ``[0, 1]`` (jittered in training, evenly spaced in evaluation). A small floor on the
@@ -91,8 +97,9 @@ def sample_pdf(edges: Float[Tensor, "*R S+1"], weights: Float[Tensor, "*R S"],
     pdf = weights + 1e-5
     pdf = pdf / pdf.sum(dim=-1, keepdim=True)
     cdf = torch.cumsum(pdf, dim=-1)
-    cdf = torch.cat([torch.zeros_like(cdf[..., :1]), cdf[..., :-1], torch.ones_like(cdf[..., :1])],
-                    dim=-1)
+    cdf = torch.cat(
+        [torch.zeros_like(cdf[..., :1]), cdf[..., :-1], torch.ones_like(cdf[..., :1])], dim=-1
+    )
     upper = torch.searchsorted(cdf.contiguous(), u.contiguous(), right=True)
     upper = upper.clamp(1, weights.shape[-1])
     lower = upper - 1
@@ -115,8 +122,9 @@ def _query(field: Field, *points: Tensor) -> list[tuple[Tensor, Tensor]]:
     out = field(torch.cat(flat, dim=1) if len(flat) > 1 else flat[0])
     sizes = [x.shape[1] for x in flat]
     results = []
-    for x, sdf, rgb in zip(points, out.sdf.split(sizes, dim=1), out.rgb.split(sizes, dim=1),
-                           strict=True):
+    for x, sdf, rgb in zip(
+        points, out.sdf.split(sizes, dim=1), out.rgb.split(sizes, dim=1), strict=True
+    ):
         results.append((sdf.reshape(x.shape[:-1]), rgb.reshape(*x.shape[:-1], 3)))
     return results
 
@@ -144,8 +152,10 @@ class _Rays:
     def cat(items: list[_Rays]) -> _Rays:
         def join(values: list) -> Any:
             return None if values[0] is None else torch.cat(values, dim=1)
-        return _Rays(**{f.name: join([getattr(item, f.name) for item in items])
-                        for f in fields(_Rays)})
+
+        return _Rays(
+            **{f.name: join([getattr(item, f.name) for item in items]) for f in fields(_Rays)}
+        )
 
 
 class VolSDFRenderer(nn.Module):
@@ -175,17 +185,31 @@ class VolSDFRenderer(nn.Module):
         finite_difference_eps: step of the central differences for normals and SDF gradients.
     """
 
-    def __init__(self, background: nn.Module, radius: float, num_samples_stratified: int,
-                 num_samples_importance: int, beta: float, near_min: float = 0.05,
-                 background_augmentation_prob: float = 0.0, eikonal_points: int = 0,
-                 chunk_rays: int = 65536, finite_difference_eps: float = 1e-2) -> None:
+    def __init__(
+        self,
+        background: nn.Module,
+        radius: float,
+        num_samples_stratified: int,
+        num_samples_importance: int,
+        beta: float,
+        near_min: float = 0.05,
+        background_augmentation_prob: float = 0.0,
+        eikonal_points: int = 0,
+        chunk_rays: int = 65536,
+        finite_difference_eps: float = 1e-2,
+    ) -> None:
         super().__init__()
-        checks = {"radius": radius > 0, "num_samples_stratified": num_samples_stratified >= 1,
-                  "num_samples_importance": num_samples_importance >= 0, "beta": beta > 0,
-                  "near_min": near_min >= 0,
-                  "background_augmentation_prob": 0.0 <= background_augmentation_prob <= 1.0,
-                  "eikonal_points": eikonal_points >= 0, "chunk_rays": chunk_rays >= 1,
-                  "finite_difference_eps": finite_difference_eps > 0}
+        checks = {
+            "radius": radius > 0,
+            "num_samples_stratified": num_samples_stratified >= 1,
+            "num_samples_importance": num_samples_importance >= 0,
+            "beta": beta > 0,
+            "near_min": near_min >= 0,
+            "background_augmentation_prob": 0.0 <= background_augmentation_prob <= 1.0,
+            "eikonal_points": eikonal_points >= 0,
+            "chunk_rays": chunk_rays >= 1,
+            "finite_difference_eps": finite_difference_eps > 0,
+        }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name}={locals()[name]} is out of range")
@@ -201,14 +225,23 @@ class VolSDFRenderer(nn.Module):
         self.finite_difference_eps = float(finite_difference_eps)
 
     def extra_repr(self) -> str:
-        return (f"radius={self.radius}, samples={self.num_samples_stratified}"
-                f"+{self.num_samples_importance}, beta={self.beta:.4g}, near_min={self.near_min}, "
-                f"bg_aug={self.background_augmentation_prob}, eikonal_points={self.eikonal_points}")
+        return (
+            f"radius={self.radius}, samples={self.num_samples_stratified}"
+            f"+{self.num_samples_importance}, beta={self.beta:.4g}, near_min={self.near_min}, "
+            f"bg_aug={self.background_augmentation_prob}, eikonal_points={self.eikonal_points}"
+        )
 
-    def forward(self, field: Field, cameras: Cameras, height: int, width: int, *,
-                generator: torch.Generator | None = None,
-                background_rgb: Float[Tensor, "B 3"] | None = None,
-                compute_normals: bool = False) -> RenderOutput:
+    def forward(
+        self,
+        field: Field,
+        cameras: Cameras,
+        height: int,
+        width: int,
+        *,
+        generator: torch.Generator | None = None,
+        background_rgb: Float[Tensor, "B 3"] | None = None,
+        compute_normals: bool = False,
+    ) -> RenderOutput:
         """Render ``B = P * V`` images of ``height x width``.
 
         ``background_rgb`` replaces the background by a fixed colour per image (no augmentation).
@@ -220,10 +253,10 @@ class VolSDFRenderer(nn.Module):
         B, P = len(cameras), cameras.num_prompts
         origins, directions = camera_rays(cameras, height, width)
         if background_rgb is not None and background_rgb.shape != (B, 3):
-            raise ValueError(f"background_rgb has shape {tuple(background_rgb.shape)}, "
-                             f"expected ({B}, 3)")
-        augment = (self.training and background_rgb is None
-                   and self.background_augmentation_prob > 0)
+            raise ValueError(
+                f"background_rgb has shape {tuple(background_rgb.shape)}, expected ({B}, 3)"
+            )
+        augment = self.training and background_rgb is None and self.background_augmentation_prob > 0
         if augment:  # drawn first so the draw count does not depend on the chunking
             replace = _rand((B,), generator, directions) < self.background_augmentation_prob
             colours = _rand((B, 3), generator, directions)
@@ -232,9 +265,19 @@ class VolSDFRenderer(nn.Module):
         d = directions.reshape(P, -1, 3)
         R = o.shape[1]
         chunk = R if self.training and torch.is_grad_enabled() else max(1, self.chunk_rays // P)
-        rays = _Rays.cat([self._render_rays(field, o[:, s:s + chunk], d[:, s:s + chunk], generator,
-                                            compute_normals, background_rgb is None)
-                          for s in range(0, R, chunk)])
+        rays = _Rays.cat(
+            [
+                self._render_rays(
+                    field,
+                    o[:, s : s + chunk],
+                    d[:, s : s + chunk],
+                    generator,
+                    compute_normals,
+                    background_rgb is None,
+                )
+                for s in range(0, R, chunk)
+            ]
+        )
 
         def image(x: Tensor) -> Tensor:
             return x.reshape(B, height, width, x.shape[-1]).permute(0, 3, 1, 2)
@@ -246,8 +289,9 @@ class VolSDFRenderer(nn.Module):
             assert rays.background is not None
             background = image(rays.background)
             if augment:
-                background = torch.where(replace[:, None, None, None],
-                                         colours[:, :, None, None], background)
+                background = torch.where(
+                    replace[:, None, None, None], colours[:, :, None, None], background
+                )
         rgb = image(rays.rgb) + (1.0 - opacity) * background
 
         sdf_gradients = None
@@ -255,14 +299,23 @@ class VolSDFRenderer(nn.Module):
             points = (2.0 * _rand((P, self.eikonal_points, 3), generator, d) - 1.0) * self.radius
             [(sdf, _)] = _query(field, _fd_points(points, self.finite_difference_eps))
             sdf_gradients = _fd_gradient(sdf, self.finite_difference_eps)
-        return RenderOutput(rgb=rgb.contiguous(), opacity=opacity.contiguous(),
-                            depth=image(rays.depth).contiguous(),
-                            normals=None if rays.normals is None else image(rays.normals).contiguous(),
-                            sdf_gradients=sdf_gradients)
+        return RenderOutput(
+            rgb=rgb.contiguous(),
+            opacity=opacity.contiguous(),
+            depth=image(rays.depth).contiguous(),
+            normals=None if rays.normals is None else image(rays.normals).contiguous(),
+            sdf_gradients=sdf_gradients,
+        )
 
-    def _render_rays(self, field: Field, origins: Float[Tensor, "P R 3"],
-                     directions: Float[Tensor, "P R 3"], generator: torch.Generator | None,
-                     compute_normals: bool, with_background: bool) -> _Rays:
+    def _render_rays(
+        self,
+        field: Field,
+        origins: Float[Tensor, "P R 3"],
+        directions: Float[Tensor, "P R 3"],
+        generator: torch.Generator | None,
+        compute_normals: bool,
+        with_background: bool,
+    ) -> _Rays:
         P, R, _ = origins.shape
         S, K = self.num_samples_stratified, self.num_samples_importance
         near, far, _ = ray_box_intersection(origins, directions, self.radius, self.near_min)
@@ -283,13 +336,16 @@ class VolSDFRenderer(nn.Module):
                 weights = composite_weights(laplace_density(sdf.detach(), self.beta), edges)
                 # Stratified quantiles (one per 1/K of the CDF): lower variance than i.i.d. ones.
                 jitter = _rand((P, R, K), generator, origins) if self.training else 0.5
-                u = ((torch.arange(K, dtype=origins.dtype, device=origins.device) + jitter) / K
-                     ).expand(P, R, K)
+                u = (
+                    (torch.arange(K, dtype=origins.dtype, device=origins.device) + jitter) / K
+                ).expand(P, R, K)
                 t_fine = sample_pdf(edges, weights, u)
             [(sdf_fine, rgb_fine)] = _query(field, at(t_fine))
             t, order = torch.sort(torch.cat([t, t_fine], dim=-1), dim=-1)
             sdf = torch.cat([sdf, sdf_fine], dim=-1).gather(-1, order)
-            rgb = torch.cat([rgb, rgb_fine], dim=-2).gather(-2, order[..., None].expand(-1, -1, -1, 3))
+            rgb = torch.cat([rgb, rgb_fine], dim=-2).gather(
+                -2, order[..., None].expand(-1, -1, -1, 3)
+            )
 
         weights = composite_weights(laplace_density(sdf, self.beta), interval_edges(t, near, far))
         normals = None
@@ -298,7 +354,10 @@ class VolSDFRenderer(nn.Module):
             [(sdf_probes, _)] = _query(field, _fd_points(at(t), eps))
             unit = nn.functional.normalize(_fd_gradient(sdf_probes, eps), dim=-1)
             normals = (weights[..., None] * unit).sum(dim=-2)
-        return _Rays(rgb=(weights[..., None] * rgb).sum(dim=-2),
-                     opacity=weights.sum(dim=-1, keepdim=True),
-                     depth=(weights * t).sum(dim=-1, keepdim=True), normals=normals,
-                     background=self.background(directions) if with_background else None)
+        return _Rays(
+            rgb=(weights[..., None] * rgb).sum(dim=-2),
+            opacity=weights.sum(dim=-1, keepdim=True),
+            depth=(weights * t).sum(dim=-1, keepdim=True),
+            normals=normals,
+            background=self.background(directions) if with_background else None,
+        )

@@ -41,8 +41,14 @@ def distiller(request):
 
 def run(distiller, z, seed=0, fraction=0.3):
     prior = RecordingPrior()
-    out = distiller(z, conditions(z.shape[0]), prior, ddpm_alphas_cumprod(), fraction,
-                    generator=torch.Generator().manual_seed(seed))
+    out = distiller(
+        z,
+        conditions(z.shape[0]),
+        prior,
+        ddpm_alphas_cumprod(),
+        fraction,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return out, prior
 
 

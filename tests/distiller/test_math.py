@@ -19,7 +19,9 @@ def test_cfg_usual_form():
     assert math.classifier_free_guidance(cond, uncond, 1.0).item() == pytest.approx(3.0)
 
 
-@pytest.mark.parametrize(("kind", "expected"), [("sds", 0.75), ("uniform", 1.0), ("fantasia", 0.5 * 0.75)])
+@pytest.mark.parametrize(
+    ("kind", "expected"), [("sds", 0.75), ("uniform", 1.0), ("fantasia", 0.5 * 0.75)]
+)
 def test_timestep_weights(kind, expected):
     assert math.timestep_weight(torch.tensor(0.25), kind).item() == pytest.approx(expected)
 
@@ -38,7 +40,10 @@ def test_asd_without_shift_is_scaled_csd_direction():
         guided = math.classifier_free_guidance(eps_c, eps_u, s)
         grad = math.asd_gradient(guided, eps_c, w)
         torch.testing.assert_close(grad, w * (s - 1.0) * (eps_c - eps_u))
-    assert math.asd_gradient(math.classifier_free_guidance(eps_c, eps_u, 1.0), eps_c, w).abs().max() == 0
+    assert (
+        math.asd_gradient(math.classifier_free_guidance(eps_c, eps_u, 1.0), eps_c, w).abs().max()
+        == 0
+    )
 
 
 def test_sds_and_csd_hand_values():
@@ -57,7 +62,9 @@ def test_surrogate_loss_gradient_is_grad_over_batch():
 
 def test_sanitize_gradient():
     grad = torch.tensor([float("nan"), float("inf"), -5.0, 0.5])
-    torch.testing.assert_close(math.sanitize_gradient(grad, clip=1.0), torch.tensor([0.0, 0.0, -1.0, 0.5]))
+    torch.testing.assert_close(
+        math.sanitize_gradient(grad, clip=1.0), torch.tensor([0.0, 0.0, -1.0, 0.5])
+    )
 
 
 def test_timesteps_inclusive_and_grouped():

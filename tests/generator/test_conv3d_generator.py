@@ -6,12 +6,6 @@ import hydra
 import pytest
 import torch
 import torch.nn.functional as F
-from generator_testing import (
-    build_small_generator,
-    load_generator_config,
-    make_prompts,
-    random_points,
-)
 from hydra.errors import InstantiationException
 
 from asd3d.generator.conv3d import (
@@ -19,6 +13,13 @@ from asd3d.generator.conv3d import (
     modulated_conv3d,
     release_state_dict_to_generator,
     sample_volume,
+)
+
+from generator_testing import (
+    build_small_generator,
+    load_generator_config,
+    make_prompts,
+    random_points,
 )
 
 # REFERENCE §3: geometry + background + renderer of the release. The background is threestudio's
@@ -29,8 +30,14 @@ RELEASE_NOT_GEOMETRY = 9 * 16 + 16 * 16 + 16 * 3 + 1
 
 
 def full_size_on_meta(multiplier: int) -> ThreeDConvGenerator:
-    channels = {4: 512, 8: 512, 16: 512, 32: 256 * multiplier, 64: 128 * multiplier,
-                128: 64 * multiplier}
+    channels = {
+        4: 512,
+        8: 512,
+        16: 512,
+        32: 256 * multiplier,
+        64: 128 * multiplier,
+        128: 64 * multiplier,
+    }
     cfg = load_generator_config("3dconv", channels=channels)
     with torch.device("meta"):
         return hydra.utils.instantiate(cfg)
@@ -41,9 +48,11 @@ def test_full_size_parameter_count_matches_release(multiplier):
     gen = full_size_on_meta(multiplier)
     count = sum(p.numel() for p in gen.parameters())
     reference = RELEASE_TOTAL[multiplier]
-    print(f"3DConv-net m={multiplier}: {count:,} generator parameters; "
-          f"+{RELEASE_NOT_GEOMETRY} (background + renderer) = {count + RELEASE_NOT_GEOMETRY:,}; "
-          f"release {reference:,}")
+    print(
+        f"3DConv-net m={multiplier}: {count:,} generator parameters; "
+        f"+{RELEASE_NOT_GEOMETRY} (background + renderer) = {count + RELEASE_NOT_GEOMETRY:,}; "
+        f"release {reference:,}"
+    )
     assert abs(count - reference) / reference < 0.02
     assert count + RELEASE_NOT_GEOMETRY == reference
 
@@ -68,17 +77,23 @@ def test_batched_lookup_equals_single_prompt_lookups_and_the_release():
     batched = sample_volume(volume, points, radius=2.0)
     assert batched.shape == (3, 100, 5)
     for i in range(3):
-        single = sample_volume(volume[i:i + 1], points[i:i + 1], radius=2.0)
-        torch.testing.assert_close(batched[i:i + 1], single)
-        torch.testing.assert_close(single, release_lookup(volume[i:i + 1], points[i:i + 1] / 2.0))
+        single = sample_volume(volume[i : i + 1], points[i : i + 1], radius=2.0)
+        torch.testing.assert_close(batched[i : i + 1], single)
+        torch.testing.assert_close(
+            single, release_lookup(volume[i : i + 1], points[i : i + 1] / 2.0)
+        )
 
 
 def test_lookup_axis_order_x_is_width_z_is_depth():
     r = 4
     idx = torch.arange(r, dtype=torch.float32)
-    volume = torch.stack([idx.view(1, 1, r).expand(r, r, r),        # varies along W
-                          idx.view(1, r, 1).expand(r, r, r),        # varies along H
-                          idx.view(r, 1, 1).expand(r, r, r)])[None]  # varies along D
+    volume = torch.stack(
+        [
+            idx.view(1, 1, r).expand(r, r, r),  # varies along W
+            idx.view(1, r, 1).expand(r, r, r),  # varies along H
+            idx.view(r, 1, 1).expand(r, r, r),
+        ]
+    )[None]  # varies along D
     # With align_corners=False voxel centre i sits at ((i + 0.5) / r * 2 - 1) * radius.
     centre = lambda i: ((i + 0.5) / r * 2 - 1) * 2.0  # noqa: E731
     point = torch.tensor([[[centre(1), centre(2), centre(3)]]])
@@ -96,9 +111,10 @@ def test_modulated_conv_equals_per_sample_demodulated_weights():
             w = weight * styles[i].view(1, 3, 1, 1, 1)
             if demodulate:
                 w = w * (w.square().sum(dim=(1, 2, 3, 4), keepdim=True) + 1e-8).rsqrt()
-            expected.append(F.conv3d(x[i:i + 1], w, padding=1))
-        torch.testing.assert_close(modulated_conv3d(x, weight, styles, demodulate),
-                                   torch.cat(expected))
+            expected.append(F.conv3d(x[i : i + 1], w, padding=1))
+        torch.testing.assert_close(
+            modulated_conv3d(x, weight, styles, demodulate), torch.cat(expected)
+        )
 
 
 def test_noise_off_and_zero_z_make_the_field_independent_of_the_seed():
@@ -148,7 +164,9 @@ def test_release_checkpoint_keys_load_strictly():
     release = {}
     for key, value in gen.state_dict().items():
         prefix = next((new for old, new in renames.items() if key.startswith(old)), None)
-        release[(prefix + key.split(".", 1)[1]) if prefix else "geometry.space_generator." + key] = value
+        release[
+            (prefix + key.split(".", 1)[1]) if prefix else "geometry.space_generator." + key
+        ] = value
     release["geometry.space_generator.mapping.w_avg"] = torch.zeros(16)
     release["geometry.bbox"] = torch.zeros(2, 3)
     release["background.network.layers.0.weight"] = torch.zeros(16, 9)
@@ -168,8 +186,11 @@ def test_prompts_in_a_batch_do_not_mix():
     prompts, points = make_prompts(3, 16), random_points(3, 64)
     batched = gen(prompts)(points)
     for i in range(3):
-        one = type(prompts)(ids=prompts.ids[i:i + 1], texts=prompts.texts[i:i + 1],
-                            pooled=prompts.pooled[i:i + 1])
-        single = gen(one)(points[i:i + 1])
-        torch.testing.assert_close(batched.sdf[i:i + 1], single.sdf)
-        torch.testing.assert_close(batched.rgb[i:i + 1], single.rgb)
+        one = type(prompts)(
+            ids=prompts.ids[i : i + 1],
+            texts=prompts.texts[i : i + 1],
+            pooled=prompts.pooled[i : i + 1],
+        )
+        single = gen(one)(points[i : i + 1])
+        torch.testing.assert_close(batched.sdf[i : i + 1], single.sdf)
+        torch.testing.assert_close(batched.rgb[i : i + 1], single.rgb)

@@ -34,8 +34,12 @@ def test_batched_mlp_equals_per_prompt_modules():
 
 
 def test_decoded_field_adds_sphere_bias_and_activates_colour():
-    field = DecodedField(lookup=lambda p: p, sdf_decoder=lambda f: f[..., :1] * 0,
-                         rgb_decoder=lambda f: f, sphere_bias_radius=0.5)
+    field = DecodedField(
+        lookup=lambda p: p,
+        sdf_decoder=lambda f: f[..., :1] * 0,
+        rgb_decoder=lambda f: f,
+        sphere_bias_radius=0.5,
+    )
     points = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
     out = field(points)
     torch.testing.assert_close(out.sdf, torch.tensor([[[0.5], [-0.5]]]))

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from asd3d.generator.base import Generator
+from asd3d.types import FieldOutput
+
 from generator_testing import (
     build_small_generator,
     generator_yaml_names,
     make_prompts,
     random_points,
 )
-
-from asd3d.generator.base import Generator
-from asd3d.types import FieldOutput
 
 NAMES = generator_yaml_names()
 
@@ -45,8 +46,11 @@ def test_gradient_reaches_every_trainable_parameter(name):
     prompts = make_prompts(2, 16)
     out = gen(prompts, torch.Generator().manual_seed(0))(random_points(2, 500))
     (out.sdf.square().mean() + out.rgb.mean()).backward()
-    missing = [n for n, p in gen.named_parameters()
-               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [
+        n
+        for n, p in gen.named_parameters()
+        if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert not missing, f"no gradient reaches {missing}"
 
 

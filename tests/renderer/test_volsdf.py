@@ -38,8 +38,13 @@ class SphereField(nn.Module):
 
 
 def renderer(**kwargs) -> VolSDFRenderer:
-    args = dict(background=SolidBackground((0.0, 0.0, 0.0)), radius=1.0,
-                num_samples_stratified=64, num_samples_importance=32, beta=BETA)
+    args = dict(
+        background=SolidBackground((0.0, 0.0, 0.0)),
+        radius=1.0,
+        num_samples_stratified=64,
+        num_samples_importance=32,
+        beta=BETA,
+    )
     return VolSDFRenderer(**{**args, **kwargs})
 
 
@@ -50,10 +55,12 @@ def sd_cameras(num_prompts: int, seed: int = 0, views: int = 1) -> Cameras:
 
 def test_ray_box_intersection_hand_values():
     s = 1 / math.sqrt(2)
-    origins = torch.tensor([[2.0, 0, 0], [0, 0, 0], [-2, -2, 0], [2, 2, 0], [0, 2, 0], [2, 0, 0],
-                            [0.5, 0.2, -3]])
-    directions = torch.tensor([[-1.0, 0, 0], [1, 0, 0], [s, s, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0],
-                               [0, 0, 1]])
+    origins = torch.tensor(
+        [[2.0, 0, 0], [0, 0, 0], [-2, -2, 0], [2, 2, 0], [0, 2, 0], [2, 0, 0], [0.5, 0.2, -3]]
+    )
+    directions = torch.tensor(
+        [[-1.0, 0, 0], [1, 0, 0], [s, s, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0], [0, 0, 1]]
+    )
     near, far, hit = ray_box_intersection(origins, directions, radius=1.0, near_min=0.05)
     assert hit.tolist() == [True, True, True, False, False, False, True]
     expected_near = torch.tensor([1.0, 0.05, math.sqrt(2), 0, 0, 0, 2.0])
@@ -65,10 +72,22 @@ def test_ray_box_intersection_hand_values():
 
 def test_laplace_density_values():
     sdf = torch.tensor([0.0, 0.1, -0.1, 100.0, -100.0])
-    expected = torch.tensor([0.5, 0.5 * math.exp(-3), 1 - 0.5 * math.exp(-3), 0.5 * math.exp(-60),
-                             1 - 0.5 * math.exp(-60)]) / BETA
+    expected = (
+        torch.tensor(
+            [
+                0.5,
+                0.5 * math.exp(-3),
+                1 - 0.5 * math.exp(-3),
+                0.5 * math.exp(-60),
+                1 - 0.5 * math.exp(-60),
+            ]
+        )
+        / BETA
+    )
     assert torch.allclose(laplace_density(sdf, BETA), expected, rtol=1e-5)
-    assert (laplace_density(sdf, BETA).abs() >= torch.finfo(torch.float32).tiny).all()  # no denormals
+    assert (
+        laplace_density(sdf, BETA).abs() >= torch.finfo(torch.float32).tiny
+    ).all()  # no denormals
 
 
 def _reference_opacity(origins, directions, radius, steps=4000):
@@ -100,8 +119,9 @@ def test_sphere_silhouette_opacity_and_depth():
     # beta * (sum_k (-1/2)^k / (k k!) + 2 (1 - e^-1/2)) = 0.3431 beta for a surface hit head-on.
     centre = out.depth[:, 0, H // 2, H // 2]
     assert torch.allclose(centre, torch.full((2,), 1.5 + 0.3431 * BETA), atol=2e-3)
-    assert torch.allclose(out.rgb[:, :, H // 2, H // 2], torch.tensor([0.2, 0.5, 0.8]).expand(2, 3),
-                          atol=1e-4)
+    assert torch.allclose(
+        out.rgb[:, :, H // 2, H // 2], torch.tensor([0.2, 0.5, 0.8]).expand(2, 3), atol=1e-4
+    )
 
 
 def test_normals_face_the_camera():
@@ -125,7 +145,9 @@ def test_field_called_once_per_prompt_group_with_all_views():
 
 def test_gradients_reach_the_field_parameters():
     field = SphereField()
-    out = renderer().train()(field, sd_cameras(2), 16, 16, generator=torch.Generator().manual_seed(0))
+    out = renderer().train()(
+        field, sd_cameras(2), 16, 16, generator=torch.Generator().manual_seed(0)
+    )
     (out.rgb * torch.rand_like(out.rgb)).mean().backward()
     for name, p in field.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
@@ -136,11 +158,13 @@ def test_chunked_eval_render_equals_unchunked():
     cams = sd_cameras(2, seed=1, views=2)
     bg = DirectionalBackground()
     with torch.no_grad():
-        whole = renderer(background=bg, chunk_rays=10**9).eval()(field, cams, 12, 10,
-                                                                 compute_normals=True)
+        whole = renderer(background=bg, chunk_rays=10**9).eval()(
+            field, cams, 12, 10, compute_normals=True
+        )
         field.calls.clear()
-        chunked = renderer(background=bg, chunk_rays=37).eval()(field, cams, 12, 10,
-                                                                compute_normals=True)
+        chunked = renderer(background=bg, chunk_rays=37).eval()(
+            field, cams, 12, 10, compute_normals=True
+        )
     for name in ("rgb", "opacity", "depth", "normals"):
         assert torch.allclose(getattr(whole, name), getattr(chunked, name), atol=1e-5), name
     assert max(n for _, n, _ in field.calls) <= (37 // 2) * 96 * 6  # chunks of 18 rays per prompt
@@ -165,6 +189,7 @@ def test_background_augmentation_is_seeded_and_per_image():
 
     def render(seed):
         return r(empty, cams, 6, 6, generator=torch.Generator().manual_seed(seed)).rgb
+
     first, again = render(0), render(0)
     assert torch.equal(first, again)
     assert not torch.equal(first, render(1))
@@ -175,15 +200,23 @@ def test_background_augmentation_is_seeded_and_per_image():
     replaced = (first - plain).flatten(1).abs().amax(-1) > 1e-4
     assert 0 < replaced.sum() < 6
     assert (first[replaced].flatten(2).std(-1) < 1e-6).all()  # a solid colour per image
-    always = renderer(background_augmentation_prob=1.0).train()(
-        empty, cams, 6, 6, generator=torch.Generator().manual_seed(0)).rgb.flatten(2)
+    always = (
+        renderer(background_augmentation_prob=1.0)
+        .train()(empty, cams, 6, 6, generator=torch.Generator().manual_seed(0))
+        .rgb.flatten(2)
+    )
     assert (always.std(-1) < 1e-6).all() and always[:, :, 0].std(0).min() > 0  # distinct colours
 
 
 def test_background_override_and_missed_rays():
     cams = orbit_cameras(2, elevation_deg=0.0, distance=5.0, fovy_deg=5.0)
-    away = Cameras(c2w=cams.c2w.clone(), fovy=cams.fovy, elevation=cams.elevation,
-                   azimuth=cams.azimuth, distance=cams.distance)
+    away = Cameras(
+        c2w=cams.c2w.clone(),
+        fovy=cams.fovy,
+        elevation=cams.elevation,
+        azimuth=cams.azimuth,
+        distance=cams.distance,
+    )
     away.c2w[:, :3, 2] *= -1  # look away from the box (mirrored basis, fine for this test)
     away.c2w[:, :3, 0] *= -1
     white = torch.ones(2, 3)
