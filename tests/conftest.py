@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -19,7 +20,6 @@ SHARED_CORPORA = REPO.parent / "shared" / "corpora"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_flush_denormal(True)
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # A few seconds per step-based test: the quickstart world, smaller still.
 TINY = [
@@ -50,6 +50,22 @@ def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
         cfg.hydra.runtime.output_dir = str(output_dir)
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+def bare_trainer(max_steps: int, **overrides) -> pl.Trainer:
+    """A quiet CPU Trainer (no logger, checkpoints or progress bar); validation off unless asked."""
+    settings = dict(
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        accelerator="cpu",
+        use_distributed_sampler=False,
+    )
+    return pl.Trainer(**{**settings, **overrides})
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pytorch_lightning as pl
 
 from asd3d.build import build_system
 
-from conftest import compose_train
+from conftest import bare_trainer, compose_train
 
 FAST = [
     "experiment=quickstart",
@@ -26,17 +26,8 @@ def train_and_score(tmp_path, steps: int, extra=()):
     cfg = compose_train([*FAST, f"trainer.max_steps={steps}", *extra], tmp_path / "run")
     pl.seed_everything(0, verbose=False)
     system = build_system(cfg, {})
-    trainer = pl.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=None,
-        val_check_interval=steps,
-        accelerator="cpu",
-        use_distributed_sampler=False,
+    trainer = bare_trainer(
+        steps, limit_val_batches=None, check_val_every_n_epoch=None, val_check_interval=steps
     )
     before = trainer.validate(system, verbose=False)[0]
     trainer.fit(system)
@@ -60,16 +51,9 @@ def test_quickstart_reaches_its_targets(tmp_path):
     )
     pl.seed_everything(0, verbose=False)
     system = build_system(cfg, {})
-    trainer = pl.Trainer(
-        max_steps=cfg.trainer.max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=None,
-        val_check_interval=cfg.trainer.max_steps,
-        accelerator="cpu",
-        use_distributed_sampler=False,
+    steps = cfg.trainer.max_steps
+    trainer = bare_trainer(
+        steps, limit_val_batches=None, check_val_every_n_epoch=None, val_check_interval=steps
     )
     trainer.fit(system)
     assert float(trainer.callback_metrics["val/oracle_r1"]) >= 0.95

@@ -5,6 +5,8 @@ import torch
 
 from asd3d.build import build_system
 
+from conftest import bare_trainer
+
 
 class GradientProbe(pl.Callback):
     def __init__(self):
@@ -19,18 +21,7 @@ class GradientProbe(pl.Callback):
 
 
 def fit(system, steps=1, callbacks=()):
-    trainer = pl.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        accelerator="cpu",
-        use_distributed_sampler=False,
-        callbacks=list(callbacks),
-    )
+    trainer = bare_trainer(steps, callbacks=list(callbacks))
     trainer.fit(system)
     return trainer
 

@@ -106,6 +106,22 @@ class Distiller(nn.Module, abc.ABC):
     ) -> Float[Tensor, "B 1 1 1"]:
         return math.timestep_weight(gather_abar(alphas_cumprod, t), self.weighting)
 
+    def predict_at_t(
+        self,
+        z: Float[Tensor, "B C h w"],
+        t: Int[Tensor, "B"],
+        eps: Float[Tensor, "B C h w"],
+        conditions: ConditionPair,
+        predict: PredictFn,
+        alphas_cumprod: Float[Tensor, "T"],
+    ) -> tuple[Tensor, Tensor]:
+        """``eps_cond(x_t, t)`` and ``eps_uncond(x_t, t)`` from one batched prior call."""
+        x_t = math.add_noise(z, eps, gather_abar(alphas_cumprod, t))
+        eps_cond, eps_uncond = predict_batched(
+            predict, [Query(x_t, t, conditions.positive), Query(x_t, t, conditions.negative)]
+        )
+        return eps_cond, eps_uncond
+
     @abc.abstractmethod
     def gradient(
         self,

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from asd3d.distiller import math
-from asd3d.distiller.base import Distiller, Query, predict_batched
-from asd3d.prior.schedule import gather_abar
+from asd3d.distiller.base import Distiller
 
 
 class SDSDistiller(Distiller):
@@ -18,9 +17,6 @@ class SDSDistiller(Distiller):
     def gradient(
         self, z, t, eps, conditions, predict, alphas_cumprod, t_min, group_size, generator
     ):
-        x_t = math.add_noise(z, eps, gather_abar(alphas_cumprod, t))
-        eps_cond, eps_uncond = predict_batched(
-            predict, [Query(x_t, t, conditions.positive), Query(x_t, t, conditions.negative)]
-        )
+        eps_cond, eps_uncond = self.predict_at_t(z, t, eps, conditions, predict, alphas_cumprod)
         guided = math.classifier_free_guidance(eps_cond, eps_uncond, self.guidance_scale)
         return math.sds_gradient(guided, eps, self.weight(alphas_cumprod, t)), None

@@ -135,7 +135,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     metric_names = [
         k for k in ("oracle_r1", "psnr", "mask_iou") if per_prompt and k in per_prompt[0]
     ]
-    means: dict[str, float] = {k: sum(p[k] for p in per_prompt) / len(per_prompt) for k in metric_names}
+    means: dict[str, float] = {
+        k: sum(p[k] for p in per_prompt) / len(per_prompt) for k in metric_names
+    }
     report = {
         "checkpoint": str(ckpt_path),
         "split": split,
