@@ -16,6 +16,7 @@ far from the prompt and vanishes once the image is clearly the prompt, as with a
 
 from __future__ import annotations
 
+import random
 import zlib
 
 import torch
@@ -29,6 +30,8 @@ from asd3d.prior.schedule import ddpm_alphas_cumprod, gather_abar
 from asd3d.types import Cameras, Condition, ConditionPair, PromptBatch, TextEmbedding
 from asd3d.world.ground_truth import GroundTruthRenderer
 from asd3d.world.text_encoder import ProceduralTextEncoder
+
+_MIXTURE_CACHE_SIZE = 65536  # prompts whose mixture members are remembered
 
 
 class ProceduralPrior(Prior):
@@ -83,6 +86,7 @@ class ProceduralPrior(Prior):
         self.mixture_size = min(int(mixture_size), corpus.size("train"))
         self.seed = seed
         self.ground_truth = ground_truth
+        self._mixture_cache: dict[str, list[str]] = {}
         self.register_buffer(
             "alphas_cumprod",
             ddpm_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule),
@@ -134,17 +138,22 @@ class ProceduralPrior(Prior):
     # ----------------------------------------------------------------------------- internals
     def mixture_prompts(self, text: str) -> list[str]:
         """The prompt itself followed by ``K - 1`` other train prompts, chosen by its hash."""
+        cached = self._mixture_cache.get(text)
+        if cached is not None:
+            return cached
         size = self.corpus.size("train")
-        rng = torch.Generator().manual_seed(zlib.crc32(text.encode()) ^ self.seed)
+        rng = random.Random(zlib.crc32(text.encode()) ^ self.seed)  # same in every process
         others: list[str] = []
         for _ in range(100 * self.mixture_size):  # bounded: a corpus may repeat prompts
             if len(others) == self.mixture_size - 1:
                 break
-            index = int(torch.randint(size, (1,), generator=rng))
-            other = self.corpus.prompt("train", index)
+            other = self.corpus.prompt("train", rng.randrange(size))
             if other != text and other not in others:
                 others.append(other)
-        return [text, *others]
+        if len(self._mixture_cache) >= _MIXTURE_CACHE_SIZE:  # bounded whatever the corpus size
+            self._mixture_cache.clear()
+        self._mixture_cache[text] = [text, *others]
+        return self._mixture_cache[text]
 
     def _component_mask(self, condition: Condition, k: int) -> Tensor:
         mask = torch.ones(
