@@ -50,21 +50,6 @@ class StepTimer(pl.Callback):
             )
 
 
-def _compose(overrides: list[str], output_dir: Path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(REPO)
-        cfg.paths.output_dir = str(output_dir)
-        cfg.hydra.runtime.output_dir = str(output_dir)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
-
-
 def bare_loop_seconds(system, steps: int, warmup: int) -> float:
     """The same work as ``training_step`` + Adam, without Lightning: the reference loop."""
     system.on_fit_start = lambda: None
@@ -107,9 +92,9 @@ def bare_loop_seconds(system, steps: int, warmup: int) -> float:
 def system_seconds(steps: int, warmup: int, overrides: list[str]) -> float:
     out = Path(tempfile.mkdtemp(prefix="asd3d-bench-"))
     timer_file = out / "timer.json"
-    from asd3d.build import build_system
+    from asd3d.build import build_system, compose_train_config
 
-    cfg = _compose(overrides, out)
+    cfg = compose_train_config(overrides, out)
     system = build_system(cfg, {})
     trainer = pl.Trainer(
         max_steps=steps + warmup,
@@ -169,13 +154,13 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     overrides = ["experiment=quickstart", "logger=none", "system.image_every_n_steps=0"]
 
-    from asd3d.build import build_system
+    from asd3d.build import build_system, compose_train_config
 
     bare, system = [], []
     for _ in range(args.repeats):  # interleaved, best of N: the machine is shared and noisy
         bare.append(
             bare_loop_seconds(
-                build_system(_compose(overrides, Path(tempfile.mkdtemp())), {}),
+                build_system(compose_train_config(overrides, Path(tempfile.mkdtemp())), {}),
                 args.steps,
                 args.warmup,
             )

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from asd3d.corpus.base import Corpus
 from asd3d.evaluation.procedural import ProceduralOracle
@@ -28,6 +29,33 @@ class Parts:
 
 def as_config(cfg: DictConfig | dict[str, Any]) -> DictConfig:
     return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose_train_config(
+    overrides: list[str], output_dir: Path, corpora_dir: Path | None = None
+) -> DictConfig:
+    """Compose ``conf/train.yaml`` as ``train.py`` would, outside a Hydra app (tests, bench).
+
+    Outputs go under ``output_dir``; ``${hydra:...}`` interpolations resolve as in a run.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(REPO)
+        cfg.paths.output_dir = str(output_dir)
+        if corpora_dir is not None:
+            cfg.paths.corpora_dir = str(corpora_dir)
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
 
 
 def build_parts(cfg: DictConfig) -> Parts:

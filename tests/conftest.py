@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
+
+from asd3d.build import compose_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -40,16 +39,7 @@ TINY = [
 
 def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
     """Compose ``conf/train.yaml`` as ``train.py`` would, with outputs under ``output_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(REPO)
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.corpora_dir = str(SHARED_CORPORA)
-        cfg.hydra.runtime.output_dir = str(output_dir)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    return compose_train_config(overrides, output_dir, corpora_dir=SHARED_CORPORA)
 
 
 def bare_trainer(max_steps: int, **overrides) -> pl.Trainer:
