@@ -92,22 +92,11 @@ def bare_loop_seconds(system, steps: int, warmup: int) -> float:
 def system_seconds(steps: int, warmup: int, overrides: list[str]) -> float:
     out = Path(tempfile.mkdtemp(prefix="asd3d-bench-"))
     timer_file = out / "timer.json"
-    from asd3d.build import build_system, compose_train_config
+    from asd3d.build import build_system, compose_train_config, quiet_cpu_trainer
 
     cfg = compose_train_config(overrides, out)
     system = build_system(cfg, {})
-    trainer = pl.Trainer(
-        max_steps=steps + warmup,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        use_distributed_sampler=False,
-        callbacks=[StepTimer(str(timer_file), warmup)],
-    )
+    trainer = quiet_cpu_trainer(steps + warmup, callbacks=[StepTimer(str(timer_file), warmup)])
     trainer.fit(system)
     return json.loads(timer_file.read_text())["seconds"]
 

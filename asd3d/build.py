@@ -58,6 +58,25 @@ def compose_train_config(
     return cfg
 
 
+def quiet_cpu_trainer(max_steps: int, **overrides: Any):
+    """A CPU Trainer without logger, checkpoints, progress bar or validation (unless overridden),
+    for benchmarks and tests that drive a system directly."""
+    import pytorch_lightning as pl
+
+    settings: dict[str, Any] = dict(
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        accelerator="cpu",
+        use_distributed_sampler=False,
+    )
+    return pl.Trainer(**{**settings, **overrides})
+
+
 def build_parts(cfg: DictConfig) -> Parts:
     """Build corpus, prior, generator, renderer and (procedural corpora) the oracle."""
     corpus = instantiate(cfg.corpus)

@@ -148,21 +148,30 @@ class DistillationSystem(pl.LightningModule):
     def on_fit_start(self) -> None:
         self.prior.to(self.device)
         self.val_metrics.reset()  # ddp_spawn may share metric state across ranks (STACK.md)
-        rank, _ = self._rank_and_world()
-        self._rng = torch.Generator(device=self.device).manual_seed(self.seed + rank)
+        self._rng = None  # seeded on the first step, once a resumed global_step is known
 
     def on_validation_start(self) -> None:
         self.prior.to(self.device)
 
     # ------------------------------------------------------------------ training
+    def _step_generator(self) -> torch.Generator:
+        """Cameras, noise and timesteps of this process: seeded by seed, rank and the first step,
+        so a resumed run continues with fresh draws instead of replaying its start."""
+        if self._rng is None:
+            rank, _ = self._rank_and_world()
+            seed = self.seed + rank + 1_000_003 * self.global_step
+            self._rng = torch.Generator(device=self.device).manual_seed(seed)
+        return self._rng
+
     def training_step(self, batch: PromptBatch, batch_idx: int) -> torch.Tensor:
+        rng = self._step_generator()
         prompts = self.embed(batch)
-        cameras = self.camera_sampler.sample(len(prompts), generator=self._rng, device=self.device)
-        field = self.generator(prompts, generator=self._rng)
+        cameras = self.camera_sampler.sample(len(prompts), generator=rng, device=self.device)
+        field = self.generator(prompts, generator=rng)
         render = self.renderer(
-            field, cameras, self.render_resolution, self.render_resolution, generator=self._rng
+            field, cameras, self.render_resolution, self.render_resolution, generator=rng
         )
-        z = self.prior.encode_images(render.rgb, generator=self._rng)
+        z = self.prior.encode_images(render.rgb, generator=rng)
         distilled = self.distiller(
             z,
             self.prior.condition(prompts, cameras),
@@ -170,7 +179,7 @@ class DistillationSystem(pl.LightningModule):
             self.prior.alphas_cumprod,
             self.fraction,
             group_size=cameras.views_per_prompt,
-            generator=self._rng,
+            generator=rng,
         )
         regularisation = self.regularisers(render, self.fraction)
         loss = distilled.loss + regularisation["total"]

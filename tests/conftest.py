@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
-from asd3d.build import compose_train_config
+from asd3d.build import compose_train_config, quiet_cpu_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -44,18 +44,7 @@ def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
 
 def bare_trainer(max_steps: int, **overrides) -> pl.Trainer:
     """A quiet CPU Trainer (no logger, checkpoints or progress bar); validation off unless asked."""
-    settings = dict(
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        accelerator="cpu",
-        use_distributed_sampler=False,
-    )
-    return pl.Trainer(**{**settings, **overrides})
+    return quiet_cpu_trainer(max_steps, **overrides)
 
 
 @pytest.fixture
