@@ -21,21 +21,35 @@ def wandb_logged_in() -> bool:
         return False
 
 
-def _sweep_defaults() -> tuple[str | None, str | None]:
-    """Run name = this job's overrides; group = the sweep directory (a ``-m`` sweep groups)."""
+# Config groups whose chosen option becomes a W&B tag (``generator:3dconv``, ``distiller:asd``...).
+TAGGED_GROUPS = ("experiment", "corpus", "generator", "renderer", "prior", "distiller")
+
+
+def hydra_run_identity() -> tuple[str | None, str | None, list[str]]:
+    """Name, group and tags of this Hydra job, for dashboards that group and filter runs.
+
+    * name: the job's command-line overrides (``distiller.eta=0.2``), or ``default``;
+    * group: in a ``-m`` sweep, ``<experiment or task>/<sweep dir>`` so every job of one sweep
+      lands in one W&B group; ``None`` for a single run;
+    * tags: ``group:option`` for the chosen option of each group in :data:`TAGGED_GROUPS`.
+
+    Outside a Hydra app (tests, notebooks) all three are empty.
+    """
     try:
         from hydra.core.hydra_config import HydraConfig
 
         hydra_cfg = HydraConfig.get()
     except (ImportError, ValueError):
-        return None, None
+        return None, None, []
     name = ",".join(hydra_cfg.overrides.task) or "default"
-    group = (
-        Path(hydra_cfg.sweep.dir).name
-        if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN"
-        else None
-    )
-    return name, group
+    choices = dict(hydra_cfg.runtime.choices)
+    tags = [f"{g}:{choices[g]}" for g in TAGGED_GROUPS if choices.get(g) not in (None, "null")]
+    group = None
+    if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
+        label = choices.get("experiment") or hydra_cfg.job.name
+        label = hydra_cfg.job.name if label in (None, "null") else label
+        group = f"{label}/{Path(hydra_cfg.sweep.dir).name}"
+    return name, group, tags
 
 
 def wandb_logger(
@@ -59,14 +73,14 @@ def wandb_logger(
     if mode == "auto":
         mode = "online" if wandb_logged_in() else "offline"
     os.environ["WANDB_MODE"] = mode
-    default_name, default_group = _sweep_defaults()
+    default_name, default_group, default_tags = hydra_run_identity()
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(
         project=project,
         save_dir=save_dir,
         name=name or default_name,
         group=group or default_group,
-        tags=list(tags or []),
+        tags=list(dict.fromkeys([*default_tags, *(tags or [])])),
         offline=mode == "offline",
     )
     if mode == "offline":

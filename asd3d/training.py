@@ -37,6 +37,10 @@ def run_training(cfg: DictConfig) -> float | None:
         loggers = _instantiate_all(cfg.get("logger"))
         callbacks = _instantiate_all(cfg.get("callbacks"))
         trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        for logger in loggers:
+            # The resolved config as the run's hyperparameters: W&B can filter/group by any key
+            # (distiller.eta, generator, ...); the CSV logger writes it to hparams.yaml.
+            logger.log_hyperparams(run_config)
     remember_ddp_job_argv()
     trainer.fit(system, ckpt_path=cfg.ckpt_path)
     if trainer.is_global_zero:

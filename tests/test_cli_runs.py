@@ -3,6 +3,7 @@
 import json
 
 import torch
+import yaml
 
 from asd3d.io import load_checkpoint
 
@@ -58,6 +59,12 @@ def test_multirun_sweep_over_eta(tmp_path):
         for p in sweep_dir.glob("*/checkpoints/last.ckpt")
     )
     assert etas == [0.0, 0.2]
+    # The resolved config is logged as hyperparameters (what W&B filters and groups by).
+    logged = sorted(
+        yaml.safe_load(p.read_text())["distiller"]["eta"]
+        for p in sweep_dir.glob("*/csv/hparams.yaml")
+    )
+    assert logged == [0.0, 0.2]
 
 
 def test_ddp_two_processes_and_inside_a_sweep(tmp_path):
