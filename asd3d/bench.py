@@ -1,6 +1,11 @@
-"""``make bench``: the system's overhead over a bare PyTorch loop, and DDP scaling on CPU.
+"""``make bench``: prior-call batch composition, the system's overhead over a bare PyTorch loop,
+and DDP scaling on CPU.
 
-Both are reported as ratios (the machines are noisy; nothing here is asserted in tests):
+* batch composition = for every distiller YAML, with and without Perp-Neg, how many prior (UNet)
+  calls one step makes and how many rows each carries, counted by wrapping the prior's predict
+  function (``--sections composition`` runs only this, in a second).
+
+The other two are reported as ratios (the machines are noisy; nothing here is asserted in tests):
 
 * overhead = time per step of ``DistillationSystem`` under the Lightning Trainer / time per step
   of a hand-written loop over the very same modules (target: <= 1.10);
@@ -130,6 +135,74 @@ def ddp_prompts_per_second(devices: int, steps: int, warmup: int) -> float:
     return result["steps"] * prompts_per_step / result["seconds"]
 
 
+COMPOSITION_DISTILLERS = ("sds", "sds_star", "csd", "asd")
+
+
+class CountingPredict:
+    """Wraps a prior's predict function and records the rows of every call."""
+
+    def __init__(self, predict) -> None:
+        self.predict = predict
+        self.rows: list[int] = []
+
+    def __call__(self, x_t, t, condition):
+        self.rows.append(x_t.shape[0])
+        return self.predict(x_t, t, condition)
+
+
+def _conditions(renders: int, perp_neg: bool):
+    """Per-render conditions shaped as the SD prior sends them (2 view negatives with Perp-Neg)."""
+    from asd3d.cameras import CameraSampler
+    from asd3d.types import Condition, ConditionPair, PerpNegConditions
+
+    cameras = CameraSampler([1.0, 1.5], [40, 70], [-10, 45], [-180, 180]).sample(renders)
+    texts = tuple(f"prompt {i}" for i in range(renders))
+    off = torch.zeros(renders, dtype=torch.bool)
+    tokens = torch.zeros(renders, 77, 8)
+    positive, negative = (
+        Condition(texts, off, cameras, tokens),
+        Condition(texts, ~off, cameras, tokens),
+    )
+    extra = None
+    if perp_neg:
+        extra = PerpNegConditions((positive, positive), torch.full((renders, 2), -0.5))
+    return ConditionPair(positive, negative, extra)
+
+
+def batch_composition(renders: int = 4) -> list[tuple[str, str, int, list[int]]]:
+    """``(distiller, perp-neg, renders, rows of each prior call)`` of one step of each method."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from asd3d.prior.schedule import ddpm_alphas_cumprod
+
+    results = []
+    for name in COMPOSITION_DISTILLERS:
+        distiller = instantiate(OmegaConf.load(REPO / "conf" / "distiller" / f"{name}.yaml"))
+        for perp_neg in (False, True):
+            predict = CountingPredict(lambda x_t, t, condition: torch.zeros_like(x_t))
+            distiller(
+                torch.randn(renders, 4, 8, 8),
+                _conditions(renders, perp_neg),
+                predict,
+                ddpm_alphas_cumprod(),
+                0.5,
+                generator=torch.Generator().manual_seed(0),
+            )
+            results.append((name, "on" if perp_neg else "off", renders, predict.rows))
+    return results
+
+
+def print_batch_composition() -> None:
+    print("prior-call batch composition (one step, 4 renders; rows counted at the prior):")
+    print("  distiller  perp-neg  calls/step  rows/call  predictions/render")
+    for name, perp_neg, renders, rows in batch_composition():
+        per_call = "+".join(str(r) for r in rows) or "0"
+        print(
+            f"  {name:<10} {perp_neg:<9} {len(rows):>10}  {per_call:>9}  {sum(rows) // renders:>18}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -137,31 +210,48 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--sections",
+        default="composition,overhead,ddp",
+        help="comma-separated subset of composition, overhead, ddp",
+    )
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     torch.set_flush_denormal(True)
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
+    if "composition" in sections:
+        print_batch_composition()
+    if "overhead" in sections:
+        print_overhead(args.steps, args.warmup, args.repeats)
+    if "ddp" in sections:
+        print_ddp_scaling(args.steps, args.warmup, args.repeats)
+
+
+def print_overhead(steps: int, warmup: int, repeats: int) -> None:
     overrides = ["experiment=quickstart", "logger=none", "system.image_every_n_steps=0"]
 
     from asd3d.build import build_system, compose_train_config
 
     bare, system = [], []
-    for _ in range(args.repeats):  # interleaved, best of N: the machine is shared and noisy
+    for _ in range(repeats):  # interleaved, best of N: the machine is shared and noisy
         bare.append(
             bare_loop_seconds(
                 build_system(compose_train_config(overrides, Path(tempfile.mkdtemp())), {}),
-                args.steps,
-                args.warmup,
+                steps,
+                warmup,
             )
         )
-        system.append(system_seconds(args.steps, args.warmup, overrides))
-    t_bare, t_system = min(bare) / args.steps, min(system) / args.steps
+        system.append(system_seconds(steps, warmup, overrides))
+    t_bare, t_system = min(bare) / steps, min(system) / steps
     print(f"quickstart step, bare PyTorch loop : {1000 * t_bare:7.1f} ms")
     print(f"quickstart step, asd3d system      : {1000 * t_system:7.1f} ms")
     print(f"system / bare                      : {t_system / t_bare:7.3f}  (target <= 1.10)")
 
-    one = max(ddp_prompts_per_second(1, args.steps, args.warmup) for _ in range(args.repeats))
-    two = max(ddp_prompts_per_second(2, args.steps, args.warmup) for _ in range(args.repeats))
+
+def print_ddp_scaling(steps: int, warmup: int, repeats: int) -> None:
+    one = max(ddp_prompts_per_second(1, steps, warmup) for _ in range(repeats))
+    two = max(ddp_prompts_per_second(2, steps, warmup) for _ in range(repeats))
     print(f"prompts/s, 1 process (1 thread)    : {one:7.2f}")
     print(f"prompts/s, 2 DDP processes (gloo)  : {two:7.2f}")
     print(f"DDP 2 / 1                          : {two / one:7.3f}  (target >= 1.8)")

@@ -171,11 +171,26 @@ class Condition:
 
 
 @dataclass(frozen=True)
+class PerpNegConditions:
+    """Perp-Neg's view negatives of a batch of ``B`` rows (Armandpour et al. 2023).
+
+    ``negatives`` holds ``K`` conditions (the release: 2), each row-aligned with the positive
+    condition; ``weights[b, k]`` is the effective weight of negative ``k`` on row ``b`` (negative
+    values push away from it; 0 switches it off, e.g. on overhead views).
+    """
+
+    negatives: tuple[Condition, ...]
+    weights: Float[Tensor, "B K"]
+
+
+@dataclass(frozen=True)
 class ConditionPair:
-    """The positive (prompt) and negative (unconditional / negative prompt) condition of a batch."""
+    """The positive (prompt) and negative (unconditional / negative prompt) condition of a batch,
+    and, when the prior uses Perp-Neg, its view negatives (``None`` otherwise)."""
 
     positive: Condition
     negative: Condition
+    perp_neg: PerpNegConditions | None = None
 
 
 @dataclass(frozen=True)
@@ -209,12 +224,18 @@ class RenderOutput:
 
 @dataclass(frozen=True)
 class DistillOutput:
-    """A distiller's result: the surrogate loss whose gradient w.r.t. ``z`` is ``grad / B``."""
+    """A distiller's result: the surrogate loss whose gradient w.r.t. ``z`` is ``grad / B``.
+
+    ``aux_loss`` is the training loss of the distiller's own model, when it has one (VSD's
+    noise-prediction MSE of its LoRA / epsilon-net on the detached latents): added to the step's
+    loss, its gradient reaches only the distiller's parameters.
+    """
 
     loss: Float[Tensor, ""]
     grad: Float[Tensor, "B C h w"]
     timesteps: Int[Tensor, "B"]
     shifted_timesteps: Int[Tensor, "B"] | None = None
+    aux_loss: Float[Tensor, ""] | None = None
 
     def metrics(self) -> dict[str, Tensor]:
         out = {
@@ -223,4 +244,6 @@ class DistillOutput:
         }
         if self.shifted_timesteps is not None:
             out["dt"] = (self.shifted_timesteps - self.timesteps).float().mean()
+        if self.aux_loss is not None:
+            out["aux_loss"] = self.aux_loss
         return out

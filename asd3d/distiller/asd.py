@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from asd3d.distiller import math
-from asd3d.distiller.base import Distiller, Query, predict_batched
+from asd3d.distiller.base import (
+    Distiller,
+    Query,
+    combine_guidance,
+    guidance_queries,
+    predict_batched,
+)
 from asd3d.distiller.timesteps import SHIFT_MODES, sample_timestep_shift
 from asd3d.prior.schedule import gather_abar
 
@@ -16,7 +22,8 @@ class ASDDistiller(Distiller):
         eta: shift ratio, ``dt`` up to ``eta (t - T_min)``; must be in ``[0, 1]`` (0.1 released).
         shift_mode: ``random`` (the method), ``deterministic`` or ``none`` (Tab. 4 ablations).
 
-    One prior call with three blocks of rows: cond@t, uncond@t, cond@t+dt (mixed timesteps).
+    One prior call with three blocks of rows: cond@t, uncond@t, cond@t+dt (mixed timesteps);
+    five with Perp-Neg (its two view negatives at t come before the shifted block).
     """
 
     def __init__(
@@ -45,14 +52,14 @@ class ASDDistiller(Distiller):
         t_shifted = t + dt
         x_t = math.add_noise(z, eps, gather_abar(alphas_cumprod, t))
         x_shifted = math.add_noise(z, eps, gather_abar(alphas_cumprod, t_shifted))
-        eps_cond, eps_uncond, eps_cond_shifted = predict_batched(
+        *at_t, eps_cond_shifted = predict_batched(
             predict,
             [
-                Query(x_t, t, conditions.positive),
-                Query(x_t, t, conditions.negative),
+                *guidance_queries(x_t, t, conditions),
                 Query(x_shifted, t_shifted, conditions.positive),
             ],
         )
+        eps_cond, eps_uncond = combine_guidance(at_t, conditions)
         guided = math.classifier_free_guidance(eps_cond, eps_uncond, self.guidance_scale)
         grad = math.asd_gradient(guided, eps_cond_shifted, self.weight(alphas_cumprod, t))
         return grad, t_shifted

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -14,6 +15,9 @@ from asd3d.distiller import math
 from asd3d.distiller.timesteps import sample_timesteps
 from asd3d.prior.schedule import gather_abar
 from asd3d.types import Condition, ConditionPair, DistillOutput
+
+if TYPE_CHECKING:
+    from asd3d.prior.base import Prior
 
 PredictFn = Callable[[Tensor, Tensor, Condition], Tensor]
 Schedule = Callable[[float], float]
@@ -36,6 +40,30 @@ def predict_batched(predict: PredictFn, queries: Sequence[Query]) -> list[Float[
     condition = Condition.concat([q.condition for q in queries])
     eps = predict(x, t, condition)
     return list(eps.split([len(q.t) for q in queries]))
+
+
+def guidance_queries(
+    x_t: Float[Tensor, "B C h w"], t: Int[Tensor, "B"], conditions: ConditionPair
+) -> list[Query]:
+    """The rows classifier-free guidance needs at one noisy input: conditional, unconditional,
+    then Perp-Neg's view negatives when ``conditions.perp_neg`` is set (2 or 2 + K blocks)."""
+    queries = [Query(x_t, t, conditions.positive), Query(x_t, t, conditions.negative)]
+    if conditions.perp_neg is not None:
+        queries += [Query(x_t, t, negative) for negative in conditions.perp_neg.negatives]
+    return queries
+
+
+def combine_guidance(
+    predictions: Sequence[Float[Tensor, "B C h w"]], conditions: ConditionPair
+) -> tuple[Tensor, Tensor]:
+    """``(eps_cond, eps_uncond)`` from the answers to :func:`guidance_queries`; with Perp-Neg,
+    ``eps_cond`` is :func:`asd3d.distiller.math.perp_neg_conditional` (CFG of it is Perp-Neg's)."""
+    eps_cond, eps_uncond, *eps_negatives = predictions
+    if conditions.perp_neg is not None:
+        eps_cond = math.perp_neg_conditional(
+            eps_cond, eps_uncond, eps_negatives, conditions.perp_neg.weights.to(eps_cond.device)
+        )
+    return eps_cond, eps_uncond
 
 
 class Distiller(nn.Module, abc.ABC):
@@ -71,6 +99,14 @@ class Distiller(nn.Module, abc.ABC):
     def timestep_range(self, fraction: float) -> tuple[int, int]:
         """``(T_min, T_max)`` at this point of the run, as integers."""
         return int(round(self.t_min(fraction))), int(round(self.t_max(fraction)))
+
+    def attach_prior(self, prior: Prior) -> None:
+        """Called once by the system, before optimisers and checkpoints exist. A distiller that
+        trains its own model on top of the prior (VSD's LoRA) builds it here; default: nothing."""
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """Optimiser parameter groups of the distiller's own trainable model (none by default)."""
+        return []
 
     def forward(
         self,
@@ -115,12 +151,12 @@ class Distiller(nn.Module, abc.ABC):
         predict: PredictFn,
         alphas_cumprod: Float[Tensor, "T"],
     ) -> tuple[Tensor, Tensor]:
-        """``eps_cond(x_t, t)`` and ``eps_uncond(x_t, t)`` from one batched prior call."""
+        """``eps_cond(x_t, t)`` and ``eps_uncond(x_t, t)`` from one batched prior call
+        (``eps_cond`` Perp-Neg-corrected when the conditions carry view negatives)."""
         x_t = math.add_noise(z, eps, gather_abar(alphas_cumprod, t))
-        eps_cond, eps_uncond = predict_batched(
-            predict, [Query(x_t, t, conditions.positive), Query(x_t, t, conditions.negative)]
+        return combine_guidance(
+            predict_batched(predict, guidance_queries(x_t, t, conditions)), conditions
         )
-        return eps_cond, eps_uncond
 
     @abc.abstractmethod
     def gradient(

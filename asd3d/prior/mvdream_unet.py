@@ -76,13 +76,19 @@ def _zeroed(module: nn.Module) -> nn.Module:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """32-group GroupNorm evaluated in fp32, as the release's ResBlocks and output head do."""
+    """32-group GroupNorm evaluated in fp32, as the release's ResBlocks and output head do.
+
+    The affine parameters are upcast too, so the module also runs when the whole network has
+    been cast to fp16 / bf16 (the release keeps fp32 weights and relies on autocast instead).
+    """
 
     def __init__(self, channels: int, eps: float = 1e-5) -> None:
         super().__init__(32, channels, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 class ResBlock(nn.Module):
@@ -422,13 +428,17 @@ class MultiViewUNet(nn.Module):
         return self.out(h).to(x.dtype)
 
 
-def load_official_state_dict(module: MultiViewUNet, state_dict: Mapping[str, Tensor]) -> None:
+def load_official_state_dict(
+    module: MultiViewUNet, state_dict: Mapping[str, Tensor], assign: bool = False
+) -> None:
     """Load the UNet weights of an MVDream LDM checkpoint (or of a bare UNet state dict).
 
     If any key starts with ``model.diffusion_model.``, those keys (prefix stripped) are the UNet's
     and all others (``first_stage_model.`` VAE, ``cond_stage_model.`` text encoder, schedule
     buffers such as ``betas``) are ignored; otherwise every key not under ``first_stage_model.``
     or ``cond_stage_model.`` is taken as a UNet key. The UNet keys must match exactly.
+    ``assign=True`` makes the checkpoint's tensors the parameters (for a module built on the
+    ``meta`` device: no random initialisation, no second copy of the weights).
     """
     if any(key.startswith(UNET_PREFIX) for key in state_dict):
         unet = {
@@ -444,4 +454,4 @@ def load_official_state_dict(module: MultiViewUNet, state_dict: Mapping[str, Ten
             f"not an MVDream UNet state dict for this config: {len(missing)} missing "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-    module.load_state_dict(unet, strict=True)
+    module.load_state_dict(unet, strict=True, assign=assign)

@@ -20,17 +20,31 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 
 from asd3d.prior.base import Prior
+from asd3d.prior.embedding_cache import TextEmbeddingFile
 from asd3d.prior.schedule import gather_abar
-from asd3d.prior.view_prompts import view_dependent_texts
-from asd3d.types import Cameras, Condition, ConditionPair, PromptBatch, TextEmbedding
+from asd3d.prior.view_prompts import (
+    SUFFIXES,
+    PerpNegWeights,
+    perp_neg_views,
+    view_dependent_texts,
+)
+from asd3d.types import (
+    Cameras,
+    Condition,
+    ConditionPair,
+    PerpNegConditions,
+    PromptBatch,
+    TextEmbedding,
+)
 
 HOW_TO_PROVIDE = (
     "download it with `huggingface-cli download stabilityai/stable-diffusion-2-1-base` "
@@ -127,13 +141,18 @@ def resolve_pretrained(pretrained: str, revision: str | None = None) -> Path:
     return Path(snapshot)
 
 
-def check_layout(root: Path, pretrained: str) -> dict[str, dict]:
-    """Check ``root`` holds every SD component; return the parsed configs by subfolder.
+def check_layout(
+    root: Path, pretrained: str, subfolders: Collection[str] = tuple(_LAYOUT)
+) -> dict[str, dict]:
+    """Check ``root`` holds the SD components ``subfolders`` (default: all); return the parsed
+    configs by subfolder.
 
     Runs before any weight is read, so a wrong directory fails in milliseconds with one line.
     """
     configs: dict[str, dict] = {}
     for subfolder, (config_name, weight_names) in _LAYOUT.items():
+        if subfolder not in subfolders:
+            continue
         folder = root / subfolder
         if config_name is not None:
             config_path = folder / config_name
@@ -181,7 +200,16 @@ class StableDiffusionPrior(Prior):
             tensor cores).
         text_cache_size: text embeddings kept in an LRU cache (CPU, fp16; ~158 KB per entry at
             77 x 1024), so memory stays bounded whatever the corpus size; 0 disables it.
+        perp_neg: Perp-Neg (needs view-dependent prompting): interpolated view prompts plus two
+            weighted view negatives per render (:mod:`asd3d.prior.view_prompts`); distillers then
+            query 4 blocks of rows at ``t`` instead of 2.
+        perp_neg_weights: the release's weight curves and scale (:class:`PerpNegWeights`).
+        text_embeddings: a directory written by ``python -m asd3d.embed_prompts`` for these
+            weights; texts found there are read from disk (fp16), others are encoded on demand.
     """
+
+    # The subfolders of the diffusers directory this prior reads (MVDream brings its own UNet).
+    diffusers_subfolders: tuple[str, ...] = tuple(_LAYOUT)
 
     def __init__(
         self,
@@ -195,8 +223,16 @@ class StableDiffusionPrior(Prior):
         enable_sdpa: bool = True,
         channels_last: bool = False,
         text_cache_size: int = 4096,
+        perp_neg: bool = False,
+        perp_neg_weights: PerpNegWeights | None = None,
+        text_embeddings: str | None = None,
     ) -> None:
         super().__init__()
+        if perp_neg and not view_dependent_prompting:
+            raise ValueError(
+                "prior.perp_neg=true needs prior.view_dependent_prompting=true (its negatives are "
+                "the view prompts); set one of them"
+            )
         if resolution <= 0:
             raise ValueError(f"prior.resolution={resolution} must be > 0")
         if text_cache_size < 0:
@@ -204,7 +240,7 @@ class StableDiffusionPrior(Prior):
         self.model_dtype = resolve_dtype(str(dtype))
         self.pretrained = str(pretrained)
         root = resolve_pretrained(self.pretrained, revision)
-        configs = check_layout(root, self.pretrained)
+        configs = check_layout(root, self.pretrained, self.diffusers_subfolders)
         hidden = configs["text_encoder"].get("hidden_size")
         if hidden != text_dim:
             raise ValueError(
@@ -225,31 +261,40 @@ class StableDiffusionPrior(Prior):
         self.prediction_type = prediction_type
         self.text_cache_size = int(text_cache_size)
         self._text_cache: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
+        self.perp_neg = bool(perp_neg)
+        self.perp_neg_weights = perp_neg_weights or PerpNegWeights()
+        # Precomputed embeddings (python -m asd3d.embed_prompts), checked before any weight loads.
+        self.embedding_file = (
+            TextEmbeddingFile(text_embeddings, model=self.pretrained, text_dim=text_dim)
+            if text_embeddings
+            else None
+        )
 
         self._load(root, enable_sdpa)
         self.freeze()
 
     # ----------------------------------------------------------------------------- loading
+    def _load_component(self, root: Path, subfolder: str, loader: Callable[[], object]):
+        """``loader()``, with a failure turned into one line naming the subfolder and the fix."""
+        try:
+            return loader()
+        except Exception as err:  # corrupt / mismatched weights: one line, the cause chained
+            message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ValueError(
+                f"prior.pretrained={self.pretrained!r}: cannot load {root / subfolder} "
+                f"({type(err).__name__}: {message[:200]}); {HOW_TO_PROVIDE}"
+            ) from err
+
     def _load(self, root: Path, enable_sdpa: bool) -> None:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from diffusers import AutoencoderKL, DDPMScheduler
         from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
         from transformers import CLIPTextModel, CLIPTokenizer
 
         def load(subfolder: str, loader):
-            try:
-                return loader()
-            except Exception as err:  # corrupt / mismatched weights: one line, the cause chained
-                message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                raise ValueError(
-                    f"prior.pretrained={self.pretrained!r}: cannot load {root / subfolder} "
-                    f"({type(err).__name__}: {message[:200]}); {HOW_TO_PROVIDE}"
-                ) from err
+            return self._load_component(root, subfolder, loader)
 
         dtype = self.model_dtype
-        self.unet = load(
-            "unet",
-            lambda: UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype),
-        )
+        self.unet = self._load_unet(root, enable_sdpa)
         self.vae = load(
             "vae", lambda: AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype)
         )
@@ -267,12 +312,28 @@ class StableDiffusionPrior(Prior):
         self.register_buffer(
             "alphas_cumprod", scheduler.alphas_cumprod.float().clone(), persistent=False
         )
-        processor = AttnProcessor2_0() if enable_sdpa else AttnProcessor()
-        self.unet.set_attn_processor(processor)
-        self.vae.set_attn_processor(processor)
+        self.vae.set_attn_processor(AttnProcessor2_0() if enable_sdpa else AttnProcessor())
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
+
+    def _load_unet(self, root: Path, enable_sdpa: bool) -> nn.Module:
+        """The denoiser, in ``self.model_dtype``: SD's diffusers UNet from ``root / "unet"``.
+
+        The hook a prior with its own network overrides (:class:`asd3d.prior.mvdream.MVDreamPrior`).
+        """
+        from diffusers import UNet2DConditionModel
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        unet = self._load_component(
+            root,
+            "unet",
+            lambda: UNet2DConditionModel.from_pretrained(
+                root, subfolder="unet", torch_dtype=self.model_dtype
+            ),
+        )
+        unet.set_attn_processor(AttnProcessor2_0() if enable_sdpa else AttnProcessor())
+        return unet
 
     @property
     def device(self) -> torch.device:
@@ -318,6 +379,13 @@ class StableDiffusionPrior(Prior):
                 self._text_cache.move_to_end(text)
                 found[text] = self._text_cache[text]
         missing = [text for text in dict.fromkeys(texts) if text not in found]
+        if self.embedding_file is not None and missing:
+            for text, (tokens, pooled) in self.embedding_file.lookup(missing).items():
+                found[text] = (tokens, pooled)
+                if self.text_cache_size:
+                    self._text_cache[text] = found[text]
+            missing = [text for text in missing if text not in found]
+            self.embedding_file.note_missing(missing)
         for start in range(0, len(missing), 64):  # bounded text-encoder batches
             chunk = missing[start : start + 64]
             tokens, pooled = self._encode_uncached(chunk)
@@ -334,7 +402,8 @@ class StableDiffusionPrior(Prior):
         )
 
     def condition(self, prompts: PromptBatch, cameras: Cameras) -> ConditionPair:
-        """Per view: the (view-dependent) prompt's tokens, and the negative prompt's tokens.
+        """Per view: the (view-dependent) prompt's tokens, and the negative prompt's tokens; with
+        ``perp_neg``, Perp-Neg's interpolated positive and its two weighted view negatives.
 
         ``texts`` stay the bare prompts (the prompt each row belongs to); the view suffix lives in
         the tokens only.
@@ -343,19 +412,67 @@ class StableDiffusionPrior(Prior):
         texts = tuple(text for text in prompts.texts for _ in range(views))
         if len(texts) != len(cameras):
             raise ValueError(f"{len(prompts)} prompts x {views} views != {len(cameras)} cameras")
+        device = cameras.c2w.device
+        negative = self.encode_text([self.negative_prompt]).tokens.to(device)
+        negative = negative.expand(len(texts), -1, -1)
+        if self.perp_neg:
+            return self._perp_neg_condition(prompts, cameras, texts, negative)
         positive_texts = (
             view_dependent_texts(prompts.texts, cameras.azimuth, cameras.elevation)
             if self.view_dependent_prompting
             else list(texts)
         )
-        device = cameras.c2w.device
         positive = self.encode_text(positive_texts).tokens.to(device)
-        negative = self.encode_text([self.negative_prompt]).tokens.to(device)
-        negative = negative.expand(len(texts), -1, -1)
         flags = torch.zeros(len(texts), dtype=torch.bool, device=device)
         return ConditionPair(
             positive=Condition(texts, flags, cameras, tokens=positive),
             negative=Condition(texts, ~flags, cameras, tokens=negative),
+        )
+
+    def embedding_texts(self, prompt: str) -> list[str]:
+        """Every text :meth:`condition` and the generators encode for ``prompt`` (what
+        ``python -m asd3d.embed_prompts`` stores): the prompt and its view-dependent variants."""
+        if not self.view_dependent_prompting:
+            return [prompt]
+        return [prompt] + [prompt + suffix for suffix in SUFFIXES.values()]
+
+    def _perp_neg_condition(
+        self,
+        prompts: PromptBatch,
+        cameras: Cameras,
+        texts: tuple[str, ...],
+        negative: Float[Tensor, "B L D"],
+    ) -> ConditionPair:
+        """Perp-Neg: interpolated view tokens as the positive, two weighted view negatives
+        (:func:`asd3d.prior.view_prompts.perp_neg_views`)."""
+        device = cameras.c2w.device
+        views = perp_neg_views(cameras.azimuth, cameras.elevation, self.perp_neg_weights)
+        directions = list(SUFFIXES)
+        table = self.encode_text(
+            [prompt + SUFFIXES[name] for prompt in prompts.texts for name in directions]
+        ).tokens.to(device)
+        table = table.view(len(prompts), len(directions), *table.shape[1:])
+        prompt_of_row = torch.arange(len(texts), device=device) // cameras.views_per_prompt
+
+        def tokens(names: list[str | None]) -> Tensor:
+            column = [directions.index(name) if name is not None else 0 for name in names]
+            gathered = table[prompt_of_row, torch.tensor(column, device=device)]
+            is_negative_prompt = torch.tensor([name is None for name in names], device=device)
+            return torch.where(is_negative_prompt.view(-1, 1, 1), negative, gathered)
+
+        ratio = views.ratio.to(device).view(-1, 1, 1)
+        positive = ratio * tokens([a for a, _ in views.mix]) + (1.0 - ratio) * tokens(
+            [b for _, b in views.mix]
+        )
+        flags = torch.zeros(len(texts), dtype=torch.bool, device=device)
+        negatives = tuple(
+            Condition(texts, flags, cameras, tokens=tokens([pair[k] for pair in views.negatives]))
+            for k in range(2)
+        )
+        return ConditionPair(
+            positive=Condition(texts, flags, cameras, tokens=positive),
+            negative=Condition(texts, ~flags, cameras, tokens=negative),
+            perp_neg=PerpNegConditions(negatives, views.weights.to(device)),
         )
 
     # ----------------------------------------------------------------------------- images
@@ -382,6 +499,13 @@ class StableDiffusionPrior(Prior):
         self, x_t: Float[Tensor, "N 4 h w"], t: Int[Tensor, "N"], condition: Condition
     ) -> Float[Tensor, "N 4 h w"]:
         """One UNet call on all rows (mixed timesteps and conditions), as noise predictions."""
+        return self.predict_eps_with_grad(x_t, t, condition)
+
+    def predict_eps_with_grad(
+        self, x_t: Float[Tensor, "N 4 h w"], t: Int[Tensor, "N"], condition: Condition
+    ) -> Float[Tensor, "N 4 h w"]:
+        """:meth:`predict_eps` with autograd on, for trainable layers injected into the UNet
+        (VSD's LoRA, :mod:`asd3d.prior.lora`); the frozen weights get no gradient."""
         if condition.tokens is None:
             raise ValueError("StableDiffusionPrior.predict_eps needs condition.tokens")
         with self._autocast_off(x_t.device):
