@@ -2,5 +2,14 @@
 
 from asd3d.generator.base import Generator
 from asd3d.generator.conv3d import ThreeDConvGenerator
+from asd3d.generator.hashgrid import HashGridEncoding
+from asd3d.generator.hyper_ingp import HyperINGPGenerator
+from asd3d.generator.ingp import INGPGenerator
 
-__all__ = ["Generator", "ThreeDConvGenerator"]
+__all__ = [
+    "Generator",
+    "HashGridEncoding",
+    "HyperINGPGenerator",
+    "INGPGenerator",
+    "ThreeDConvGenerator",
+]

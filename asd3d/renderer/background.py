@@ -1,16 +1,24 @@
 """Backgrounds: what a ray that leaves the scene box without hitting anything sees.
 
 A background maps unit view directions ``(*batch, 3)`` to colours ``(*batch, 3)`` in ``[0, 1]``;
-the renderer composites the scene over it (REFERENCE.md §4).
+the renderer composites the scene over it (REFERENCE.md §4). A text-conditioned background
+(``text_conditioned = True``) also takes the prompts' pooled embedding ``P x D`` and directions
+grouped per prompt ``(P, ..., 3)``; the renderer reads the embedding from the field
+(``field.text_embedding``, set by Hyper-iNGP).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+
+from asd3d.generator.hashgrid import HashGridBackend, HashGridEncoding
+from asd3d.generator.hypernetwork import HyperNetwork, apply_mlp
+from asd3d.generator.release_keys import rename_prefixes
 
 MAX_SH_DEGREE = 3
 
@@ -65,6 +73,8 @@ class DirectionalBackground(nn.Module):
         bias: whether the linear layers have biases.
     """
 
+    text_conditioned: ClassVar[bool] = False
+
     def __init__(
         self,
         sh_degree: int = 2,
@@ -98,6 +108,7 @@ class SolidBackground(nn.Module):
     """A fixed colour in every direction (no parameters): ground-truth renders and tests."""
 
     rgb: Tensor
+    text_conditioned: ClassVar[bool] = False
 
     def __init__(self, rgb: Sequence[float] = (1.0, 1.0, 1.0)) -> None:
         super().__init__()
@@ -108,3 +119,88 @@ class SolidBackground(nn.Module):
 
     def forward(self, directions: Float[Tensor, "*batch 3"]) -> Float[Tensor, "*batch 3"]:
         return self.rgb.to(directions.dtype).expand(*directions.shape[:-1], 3)
+
+
+class TextConditionedBackground(nn.Module):
+    """Per-prompt environment colour: a direction hash grid decoded by hypernetwork weights.
+
+    The release's background for Hyper-iNGP (``multiprompt-neural-hashgrid-environment-map``):
+    unit directions are mapped to ``[0, 1]^3`` (``(d + 1) / 2``) and encoded by a hash grid; the
+    pooled text embedding drives a :class:`~asd3d.generator.hypernetwork.HyperNetwork` emitting a
+    bias-free ``C -> 64 -> 3`` ReLU MLP per prompt; colour is its sigmoid.
+
+    Args:
+        text_dim: width ``D`` of the pooled embedding.
+        n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale:
+            the direction hash grid (release: 16 x 2, ``2^19``, 16, scale 1.0 -- every level
+            has resolution 16).
+        hidden_features: hidden width of the emitted colour MLP (release: 64).
+        hypernet_hidden_features, hypernet_hidden_layers: the hypernetwork (release: 64, 1).
+        spectral_norm: spectral normalisation on the hypernetwork's linear layers.
+        grid_backend: ``auto`` | ``torch`` | ``tcnn``.
+    """
+
+    text_conditioned: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        text_dim: int,
+        n_levels: int,
+        n_features_per_level: int,
+        log2_hashmap_size: int,
+        base_resolution: int,
+        per_level_scale: float,
+        hidden_features: int,
+        hypernet_hidden_features: int,
+        hypernet_hidden_layers: int,
+        spectral_norm: bool = False,
+        grid_backend: HashGridBackend = "auto",
+    ) -> None:
+        super().__init__()
+        self.encoding = HashGridEncoding(
+            n_levels,
+            n_features_per_level,
+            log2_hashmap_size,
+            base_resolution,
+            per_level_scale,
+            backend=grid_backend,
+        )
+        self.hypernet = HyperNetwork(
+            text_dim,
+            hypernet_hidden_features,
+            hypernet_hidden_layers,
+            {"bg_weights": [self.encoding.n_output_dims, hidden_features, 3]},
+            spectral_norm=spectral_norm,
+        )
+
+    def forward(
+        self, directions: Float[Tensor, "P *R 3"], text_embedding: Float[Tensor, "P D"]
+    ) -> Float[Tensor, "P *R 3"]:
+        if directions.shape[0] != text_embedding.shape[0]:
+            raise ValueError(
+                f"directions are grouped for {directions.shape[0]} prompts but "
+                f"text_embedding has {text_embedding.shape[0]} rows"
+            )
+        P = directions.shape[0]
+        unit = (nn.functional.normalize(directions, dim=-1) + 1.0) * 0.5
+        feats = self.encoding(unit.reshape(-1, 3)).reshape(P, -1, self.encoding.n_output_dims)
+        weights = self.hypernet(text_embedding)["bg_weights"]
+        rgb = torch.sigmoid(apply_mlp(feats, weights))
+        return rgb.reshape(*directions.shape[:-1], 3)
+
+
+#: Release prefix -> :class:`TextConditionedBackground` prefix (threestudio's double-wrapped
+#: tiny-cuda-nn encoding, then the hypernetwork's ``nn.Sequential``).
+BACKGROUND_RELEASE_RENAMES = {
+    "background.encoding.encoding.encoding.params": "encoding.params",
+    "background.hypernet.layers.": "hypernet.layers.",
+}
+
+
+def release_state_dict_to_background(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a ScaleDreamer Hyper-iNGP checkpoint's ``background.*`` weights to this module.
+
+    Loads into :class:`TextConditionedBackground` (``renderer.background`` of a run); other keys
+    are dropped. The hash table is cast to fp32.
+    """
+    return rename_prefixes(state, BACKGROUND_RELEASE_RENAMES, frozenset({"encoding.params"}))
