@@ -87,9 +87,14 @@ def _write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
 
 
 def write_turntable(
-    frames: Float[Tensor, "V 3 H W"], path: str | os.PathLike[str], fps: int = 30
+    frames: Float[Tensor, "V 3 H W"] | UInt8[np.ndarray, "V H W 3"],
+    path: str | os.PathLike[str],
+    fps: int = 30,
 ) -> Path:
     """Write the ``V`` views of a turntable as a video; returns the path.
+
+    ``frames``: a float tensor (channels first, ``[0, 1]``) or a ``uint8`` channels-last array
+    (what an evaluation accumulates view chunk by view chunk: 4x smaller than floats).
 
     ``.mp4``: H.264 / yuv420p through imageio-ffmpeg's bundled ffmpeg (plays in browsers and
     W&B); odd heights or widths are padded by one repeated row/column. ``.gif``: looping GIF
@@ -100,9 +105,11 @@ def write_turntable(
     suffix = path.suffix.lower()
     if suffix not in (".mp4", ".gif"):
         raise ValueError(f"write_turntable: {path} must end with .mp4 or .gif")
-    if frames.ndim != 4 or frames.shape[1] != 3 or frames.shape[0] == 0:
+    channels = frames.shape[-1] if isinstance(frames, np.ndarray) else frames.shape[1]
+    if frames.ndim != 4 or channels != 3 or frames.shape[0] == 0:
+        layout = "V x H x W x 3 uint8" if isinstance(frames, np.ndarray) else "V x 3 x H x W"
         raise ValueError(
-            f"write_turntable: expected V x 3 x H x W frames with V >= 1, got {tuple(frames.shape)}"
+            f"write_turntable: expected {layout} frames with V >= 1, got {tuple(frames.shape)}"
         )
     array = to_uint8(frames)
     with atomic_path(path) as tmp:
