@@ -1,0 +1,105 @@
+"""The noise-prediction error curve ``e(t)`` of a prior (ScaleDreamer, Fig. 2).
+
+``e(t) = E_{x0, eps} ||eps_hat(x_t, t, y) - eps||^2 / n`` (per element) with
+``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (paper Eq. 1) over clean images ``x0`` of the
+prior's data. ASD's timestep shift relies on its shape: for a learned prior it falls as ``t``
+grows, so the difference of two predictions at nearby timesteps is dominated by the smaller-``t``
+one's error. Written as CSV (one row per ``t``) and a PNG line plot (log-scale error).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from asd3d.distiller.math import add_noise
+from asd3d.io import atomic_path, atomic_write_text
+from asd3d.prior.base import Prior
+from asd3d.prior.schedule import gather_abar
+from asd3d.types import Condition
+
+
+@torch.no_grad()
+def noise_prediction_error(
+    prior: Prior,
+    x0: Float[Tensor, "N C h w"],
+    condition: Condition,
+    timesteps: Int[Tensor, "S"],
+    num_noise: int = 4,
+    seed: int = 0,
+) -> Float[Tensor, "S"]:
+    """Mean squared noise-prediction error per timestep over ``N`` images x ``num_noise`` draws.
+
+    The same noise draws are used at every timestep, so the curve's shape is not sampling noise.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    noises = [torch.randn(x0.shape, generator=generator) for _ in range(num_noise)]
+    errors = []
+    for t in timesteps.tolist():
+        t_batch = torch.full((len(x0),), t, dtype=torch.long)
+        abar = gather_abar(prior.alphas_cumprod.cpu(), t_batch)
+        total = 0.0
+        for eps in noises:
+            x_t = add_noise(x0, eps, abar)
+            total += (prior.predict_eps(x_t, t_batch, condition).cpu() - eps).square().mean().item()
+        errors.append(total / num_noise)
+    return torch.tensor(errors)
+
+
+def write_error_curve(
+    path_stem: Path, timesteps: Int[Tensor, "S"], curves: dict[str, Float[Tensor, "S"]]
+) -> None:
+    """``<stem>.csv`` (columns ``t`` and one per curve) and ``<stem>.png`` (log10 error vs t)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["t", *curves])
+    for i, t in enumerate(timesteps.tolist()):
+        writer.writerow([t, *(f"{curve[i].item():.6g}" for curve in curves.values())])
+    atomic_write_text(path_stem.with_suffix(".csv"), buffer.getvalue())
+    _plot(path_stem.with_suffix(".png"), timesteps, curves)
+
+
+_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
+
+
+def _plot(
+    path: Path, timesteps: Tensor, curves: dict[str, Tensor], width: int = 480, height: int = 320
+) -> None:
+    from PIL import Image, ImageDraw
+
+    left, right, top, bottom = 56, 12, 12, 36
+    logs = {name: torch.log10(curve.clamp_min(1e-12)) for name, curve in curves.items()}
+    low = math.floor(min(v.min().item() for v in logs.values()))
+    high = math.ceil(max(v.max().item() for v in logs.values()))
+    high = max(high, low + 1)
+    t_max = max(1, int(timesteps.max()))
+
+    def xy(t: float, value: float) -> tuple[float, float]:
+        x = left + (width - left - right) * t / t_max
+        y = top + (height - top - bottom) * (high - value) / (high - low)
+        return x, y
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    for decade in range(low, high + 1):  # horizontal grid line per decade
+        _, y = xy(0, decade)
+        draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
+        draw.text((4, y - 6), f"1e{decade}", fill="black")
+    for t in range(0, t_max + 1, 200):
+        x, _ = xy(t, low)
+        draw.text((x - 8, height - bottom + 6), str(t), fill="black")
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    draw.text((width // 2 - 30, height - 14), "timestep t", fill="black")
+    for k, (name, values) in enumerate(logs.items()):
+        colour = _COLOURS[k % len(_COLOURS)]
+        points = [xy(t, v) for t, v in zip(timesteps.tolist(), values.tolist())]
+        draw.line(points, fill=colour, width=2)
+        draw.text((left + 8, top + 6 + 12 * k), f"e(t) {name}", fill=colour)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
