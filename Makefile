@@ -31,16 +31,16 @@ test: $(STAMP) ## run the fast test suite (CPU, offline)
 test-slow: $(STAMP) ## run the long end-to-end tests too
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m "slow or not slow"
 
-bench: $(STAMP) ## benchmarks: system overhead vs a bare loop, DDP scaling (printed as ratios)
+bench: $(STAMP) ## benchmarks: prior-call batch composition, system overhead vs a bare loop, DDP scaling (ratios)
 	$(PY) -m asd3d.bench
 
 lint: $(STAMP) ## ruff lint + format check
-	$(VENV)/bin/ruff check asd3d tests train.py evaluate.py
-	$(VENV)/bin/ruff format --check asd3d tests train.py evaluate.py
+	$(VENV)/bin/ruff check asd3d tests *.py
+	$(VENV)/bin/ruff format --check asd3d tests *.py
 
 format: $(STAMP) ## apply ruff's fixes and formatting
-	$(VENV)/bin/ruff check --fix asd3d tests train.py evaluate.py
-	$(VENV)/bin/ruff format asd3d tests train.py evaluate.py
+	$(VENV)/bin/ruff check --fix asd3d tests *.py
+	$(VENV)/bin/ruff format asd3d tests *.py
 
 typecheck: $(STAMP) ## mypy over the package
 	$(VENV)/bin/mypy asd3d

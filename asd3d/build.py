@@ -13,7 +13,7 @@ from asd3d.corpus.base import Corpus
 from asd3d.evaluation.procedural import ProceduralOracle
 from asd3d.generator.base import Generator
 from asd3d.prior.base import Prior
-from asd3d.renderer.volsdf import VolSDFRenderer
+from asd3d.renderer.base import VolumeRenderer
 
 
 @dataclass
@@ -23,7 +23,7 @@ class Parts:
     corpus: Corpus
     prior: Prior
     generator: Generator
-    renderer: VolSDFRenderer
+    renderer: VolumeRenderer
     oracle: ProceduralOracle | None
 
 
@@ -60,7 +60,10 @@ def compose_train_config(
 
 def quiet_cpu_trainer(max_steps: int, **overrides: Any):
     """A CPU Trainer without logger, checkpoints, progress bar or validation (unless overridden),
-    for benchmarks and tests that drive a system directly."""
+    for benchmarks and tests that drive a system directly. Files a system writes (image grids,
+    videos) go to a fresh temporary directory unless ``default_root_dir`` is given."""
+    import tempfile
+
     import pytorch_lightning as pl
 
     settings: dict[str, Any] = dict(
@@ -73,6 +76,8 @@ def quiet_cpu_trainer(max_steps: int, **overrides: Any):
         limit_val_batches=0,
         accelerator="cpu",
         use_distributed_sampler=False,
+        default_root_dir=overrides.pop("default_root_dir", None)
+        or tempfile.mkdtemp(prefix="asd3d-quiet-"),
     )
     return pl.Trainer(**{**settings, **overrides})
 

@@ -8,7 +8,7 @@ a checkpoint, never wrapped by DDP, and moved to the device by hand.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +20,32 @@ from asd3d.cameras import CameraSampler, orbit_cameras
 from asd3d.corpus.base import Corpus
 from asd3d.corpus.dataset import PromptDataset, collate_prompts
 from asd3d.distiller.base import Distiller
+from asd3d.evaluation.live import LiveValidation
 from asd3d.evaluation.media import enlarge, image_grid, save_png
 from asd3d.evaluation.oracle import OracleMetrics
 from asd3d.evaluation.procedural import ProceduralOracle
 from asd3d.generator.base import Generator
 from asd3d.prior.base import Prior
 from asd3d.regularisers import Regularisers
-from asd3d.renderer.volsdf import VolSDFRenderer
+from asd3d.renderer.base import VolumeRenderer
 from asd3d.types import PromptBatch
+
+#: A render side, or milestones ``{fraction of max_steps: side}`` (e.g. ``{0: 64, 0.4: 256}``,
+#: the release's prompt-specific 64 -> 256 at step 10k of 25k).
+ResolutionSchedule = int | Mapping[float, int]
+
+
+def resolution_at(schedule: ResolutionSchedule, fraction: float) -> int:
+    """The render side at ``fraction`` of the run: the value of the last milestone reached."""
+    if not isinstance(schedule, Mapping):
+        return int(schedule)
+    milestones = sorted((float(k), int(v)) for k, v in schedule.items())
+    if not milestones or milestones[0][0] != 0.0 or milestones[-1][0] > 1.0:
+        raise ValueError(
+            f"render_resolution={dict(schedule)} must map fractions of the run in [0, 1], "
+            "starting at 0, to sides, e.g. {0: 64, 0.4: 256}"
+        )
+    return [side for start, side in milestones if start <= fraction][-1]
 
 
 class DistillationSystem(pl.LightningModule):
@@ -39,10 +57,13 @@ class DistillationSystem(pl.LightningModule):
         regularisers: sparsity / opaqueness / eikonal terms with scheduled weights.
         optimizer: a partial optimizer; finished here with one parameter group per part.
         lr_generator, lr_renderer: learning rates of the generator and the renderer's background.
-        render_resolution: side of the training renders.
+        render_resolution: side of the training renders, or milestones
+            ``{fraction of max_steps: side}`` (:func:`resolution_at`).
         prompts_per_step: prompts per step per process (the views per prompt come from the sampler).
         max_steps: length of the run; schedules read ``global_step / max_steps``.
         oracle: ground-truth metrics, when the corpus is procedural (``None`` otherwise).
+        live_validation: CLIP metrics, a per-prompt table and turntable videos of the validation
+            renders for the dashboards (:class:`~asd3d.evaluation.live.LiveValidation`).
         validation: ``num_views``, ``elevation_deg``, ``distance``, ``fovy_deg``, ``resolution``
             of the validation orbit.
         image_every_n_steps: how often a grid of training renders is written/logged (0: never).
@@ -55,7 +76,7 @@ class DistillationSystem(pl.LightningModule):
         self,
         corpus: Corpus,
         generator: Generator,
-        renderer: VolSDFRenderer,
+        renderer: VolumeRenderer,
         prior: Prior,
         distiller: Distiller,
         camera_sampler: CameraSampler,
@@ -63,11 +84,12 @@ class DistillationSystem(pl.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_generator: float,
         lr_renderer: float,
-        render_resolution: int,
+        render_resolution: ResolutionSchedule,
         prompts_per_step: int,
         max_steps: int,
         validation: dict[str, Any],
         oracle: ProceduralOracle | None = None,
+        live_validation: LiveValidation | None = None,
         image_every_n_steps: int = 0,
         seed: int = 0,
         num_workers: int = 0,
@@ -79,16 +101,21 @@ class DistillationSystem(pl.LightningModule):
         self.renderer = renderer
         object.__setattr__(self, "prior", prior)  # frozen: outside the module tree on purpose
         self.distiller = distiller
+        # VSD builds its trainable model on the prior here: owned by the distiller, so its
+        # weights are in checkpoints and the optimiser while the prior's stay out of both.
+        distiller.attach_prior(prior)
         self.camera_sampler = camera_sampler
         self.regularisers = regularisers
         self.optimizer_factory = optimizer
         self.lr_generator = lr_generator
         self.lr_renderer = lr_renderer
+        resolution_at(render_resolution, 0.0)  # a malformed schedule fails at construction
         self.render_resolution = render_resolution
         self.prompts_per_step = prompts_per_step
         self.max_steps = max_steps
         self.validation = dict(validation)
         self.oracle = oracle
+        self.live_validation = live_validation or LiveValidation(video_prompts=0, table=False)
         self.image_every_n_steps = image_every_n_steps
         self.seed = seed
         self.num_workers = num_workers
@@ -152,6 +179,10 @@ class DistillationSystem(pl.LightningModule):
 
     def on_validation_start(self) -> None:
         self.prior.to(self.device)
+        if self.live_validation.active:
+            split = "test"
+            texts = self.corpus.prompts(split, range(self.corpus.size(split)))
+            self.live_validation.start(texts, self.device)
 
     # ------------------------------------------------------------------ training
     def _step_generator(self) -> torch.Generator:
@@ -168,9 +199,8 @@ class DistillationSystem(pl.LightningModule):
         prompts = self.embed(batch)
         cameras = self.camera_sampler.sample(len(prompts), generator=rng, device=self.device)
         field = self.generator(prompts, generator=rng)
-        render = self.renderer(
-            field, cameras, self.render_resolution, self.render_resolution, generator=rng
-        )
+        side = resolution_at(self.render_resolution, self.fraction)
+        render = self.renderer(field, cameras, side, side, generator=rng)
         z = self.prior.encode_images(render.rgb, generator=rng)
         distilled = self.distiller(
             z,
@@ -183,6 +213,8 @@ class DistillationSystem(pl.LightningModule):
         )
         regularisation = self.regularisers(render, self.fraction)
         loss = distilled.loss + regularisation["total"]
+        if distilled.aux_loss is not None:  # the distiller's own model (VSD's LoRA) trains too
+            loss = loss + distilled.aux_loss
 
         logs = {"train/loss": loss.detach(), "train/distill_loss": distilled.loss.detach()}
         logs.update({f"train/{k}": v.detach() for k, v in distilled.metrics().items()})
@@ -213,11 +245,12 @@ class DistillationSystem(pl.LightningModule):
         renderer_params = [p for p in self.renderer.parameters() if p.requires_grad]
         if renderer_params:
             groups.append({"params": renderer_params, "lr": self.lr_renderer, "name": "renderer"})
+        groups.extend(self.distiller.optimizer_groups())  # e.g. VSD's LoRA, with its own lr
         return self.optimizer_factory(groups)
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        if self.oracle is None:
+        if self.oracle is None and not self.live_validation.active:
             return
         prompts = self.embed(batch)
         cfg = self.validation
@@ -231,23 +264,42 @@ class DistillationSystem(pl.LightningModule):
         field = self.generator(
             prompts, generator=torch.Generator(self.device).manual_seed(self.seed)
         )
-        white = torch.tensor(self.oracle.background_rgb, device=self.device).expand(len(cameras), 3)
-        render = self.renderer(
-            field, cameras, cfg["resolution"], cfg["resolution"], background_rgb=white
-        )
-        metrics = self.oracle.score(
-            prompts.texts, render, cameras.index(torch.arange(cfg["num_views"]))
-        )
-        self.val_metrics.update(metrics.r_at_1, metrics.psnr, metrics.iou)
+        # The ground truth's background (white), as evaluation renders.
+        rgb = self.oracle.background_rgb if self.oracle is not None else (1.0, 1.0, 1.0)
+        background = torch.tensor(rgb, device=self.device).expand(len(cameras), 3)
+        side = resolution_at(cfg["resolution"], self.fraction)
+        render = self.renderer(field, cameras, side, side, background_rgb=background)
+        per_prompt: dict[str, torch.Tensor] = {}
+        if self.oracle is not None:
+            metrics = self.oracle.score(
+                prompts.texts, render, cameras.index(torch.arange(cfg["num_views"]))
+            )
+            self.val_metrics.update(metrics.r_at_1, metrics.psnr, metrics.iou)
+            per_prompt = {
+                "oracle_r1": metrics.r_at_1,
+                "psnr": metrics.psnr,
+                "mask_iou": metrics.iou,
+            }
+        if self.live_validation.active:
+            self.live_validation.update(batch.ids, prompts.texts, render.rgb, per_prompt)
         if batch_idx == 0:
             self._log_images("val/renders", render.rgb[:: cfg["num_views"] // 4 or 1])
 
     def on_validation_epoch_end(self) -> None:
-        if self.oracle is None:
-            return
-        values = self.val_metrics.compute()
-        self.log_dict({f"val/{k}": v for k, v in values.items()}, sync_dist=False, batch_size=1)
-        self.val_metrics.reset()
+        values: dict[str, torch.Tensor] = {}
+        if self.oracle is not None:
+            values.update(self.val_metrics.compute())
+            self.val_metrics.reset()
+        values.update(self.live_validation.compute())
+        if values:
+            self.log_dict({f"val/{k}": v for k, v in values.items()}, sync_dist=False, batch_size=1)
+        if self.live_validation.active and not self.trainer.sanity_checking:
+            self.live_validation.log(
+                self.loggers,
+                self.global_step,
+                Path(self.trainer.default_root_dir) / "videos",
+                self.trainer.is_global_zero,
+            )
 
     # ------------------------------------------------------------------ outputs
     def _log_images(self, key: str, images: torch.Tensor) -> None:
