@@ -42,12 +42,17 @@ def ddim_sample(
     noise: Float[Tensor, "N C h w"],
     guidance_scale: float,
     num_steps: int,
+    eps_from_clipped_x0: bool = True,
 ) -> Float[Tensor, "N C h w"]:
     """Deterministic DDIM (eta = 0; Song et al. 2021, Eq. 12) with classifier-free guidance.
 
     Each step predicts ``x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (clipped to
     ``[-1, 1]``, the pixel range) and moves to ``x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps``;
-    the last step returns ``x0``.
+    the last step returns ``x0``. With ``eps_from_clipped_x0`` the noise is re-derived from the
+    clipped ``x0`` (``eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)``, diffusers'
+    ``use_clipped_model_output=True``), so ``x_t``, ``x0`` and ``eps`` stay consistent; without
+    it (diffusers' default) the part of a guided ``x0`` that clipping removed moves into the
+    noise with the opposite sign, which at CFG 7.5 turns overshooting white backgrounds dark.
     """
     abar = prior.alphas_cumprod.to(noise.device)
     timesteps = ddim_timesteps(abar.shape[0], num_steps).tolist()
@@ -57,11 +62,24 @@ def ddim_sample(
         t_batch = torch.full((2 * len(x),), t, dtype=torch.long, device=x.device)
         eps_cond, eps_uncond = prior.predict_eps(torch.cat([x, x]), t_batch, both).chunk(2)
         eps = classifier_free_guidance(eps_cond, eps_uncond, guidance_scale)
-        a_t = abar[t]
         a_s = abar[timesteps[i + 1]] if i + 1 < len(timesteps) else abar.new_tensor(1.0)
-        x0 = ((x - (1.0 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1.0, 1.0)
-        x = a_s.sqrt() * x0 + (1.0 - a_s).sqrt() * eps
+        x = ddim_step(x, eps, abar[t], a_s, eps_from_clipped_x0)
     return x
+
+
+def ddim_step(
+    x: Float[Tensor, "N C h w"],
+    eps: Float[Tensor, "N C h w"],
+    abar_t: Tensor,
+    abar_s: Tensor,
+    eps_from_clipped_x0: bool = True,
+) -> Float[Tensor, "N C h w"]:
+    """One deterministic DDIM step from ``t`` to ``s < t`` (``abar_s = 1``: return ``x0``), with
+    ``x0`` clipped to ``[-1, 1]`` (see :func:`ddim_sample`)."""
+    x0 = ((x - (1.0 - abar_t).sqrt() * eps) / abar_t.sqrt()).clamp(-1.0, 1.0)
+    if eps_from_clipped_x0:
+        eps = (x - abar_t.sqrt() * x0) / (1.0 - abar_t).sqrt()
+    return abar_s.sqrt() * x0 + (1.0 - abar_s).sqrt() * eps
 
 
 @torch.no_grad()
@@ -73,6 +91,7 @@ def sample_grid(
     num_steps: int,
     seed: int,
     batch_size: int = 128,
+    eps_from_clipped_x0: bool = True,
 ) -> Float[Tensor, "P V 3 r r"]:
     """One sample per prompt and camera, in ``[0, 1]``."""
     views = len(cameras)
@@ -88,7 +107,9 @@ def sample_grid(
         pair = prior.condition(
             PromptBatch(ids=rows, texts=texts), flat_cameras.index(rows.to(cameras.c2w.device))
         )
-        samples.append(ddim_sample(prior, pair, noise[rows], guidance_scale, num_steps))
+        samples.append(
+            ddim_sample(prior, pair, noise[rows], guidance_scale, num_steps, eps_from_clipped_x0)
+        )
     images = (torch.cat(samples) + 1.0) / 2.0
     return images.view(len(prompts), views, 3, size, size)
 
@@ -127,6 +148,7 @@ def evaluate_pretrained(pretrained: str | Path, cfg: DictConfig) -> dict:
         int(evaluation.num_inference_steps),
         int(evaluation.seed),
         int(evaluation.batch_size),
+        bool(evaluation.eps_from_clipped_x0),
     )
     gt, _ = oracle.bank(cameras, prior.resolution)
     named, quality = score_samples(samples, gt, [oracle.own_index(p) for p in prompts])
@@ -136,6 +158,7 @@ def evaluate_pretrained(pretrained: str | Path, cfg: DictConfig) -> dict:
         "num_samples": named.numel(),
         "guidance_scale": float(evaluation.guidance_scale),
         "num_inference_steps": int(evaluation.num_inference_steps),
+        "eps_from_clipped_x0": bool(evaluation.eps_from_clipped_x0),
         "num_cameras": int(evaluation.num_cameras),
         "seed": int(evaluation.seed),
         "per_prompt_accuracy": {p: round(a, 4) for p, a in zip(prompts, named.mean(1).tolist())},

@@ -138,7 +138,7 @@ def test_two_gloo_processes_give_the_numbers_of_one(tmp_path):
 
     out = tmp_path / "ddp.json"
     port = 29500 + os.getpid() % 1000
-    mp.start_processes(_ddp_worker, args=(2, port, str(out)), nprocs=2, start_method="fork")
+    mp.start_processes(_ddp_worker, args=(2, port, str(out)), nprocs=2, start_method="spawn")
     assert json.loads(out.read_text()) == expected  # exact: sums of per-prompt float64 states
 
 

@@ -16,7 +16,7 @@ from asd3d.build import build_parts
 from asd3d.cameras import CameraSampler
 from asd3d.cli import one_line
 from asd3d.miniature import evaluation
-from asd3d.miniature.evaluation import ddim_sample, ddim_timesteps
+from asd3d.miniature.evaluation import ddim_sample, ddim_step, ddim_timesteps
 from asd3d.miniature.training import run_prior_training, warmup_cosine
 from asd3d.prior.miniature import MiniaturePrior, text_code, unet_class_labels
 from asd3d.prior.schedule import ddpm_alphas_cumprod
@@ -192,7 +192,10 @@ def test_text_code_is_the_pooled_vector_and_tells_prompts_apart():
     assert cosine < 0.7
 
 
-def test_ddim_sampler_matches_diffusers_ddim_with_v_prediction(trained, monkeypatch):
+@pytest.mark.parametrize("eps_from_clipped_x0", [True, False])
+def test_ddim_sampler_matches_diffusers_ddim_with_v_prediction(
+    trained, monkeypatch, eps_from_clipped_x0
+):
     """Same model, noise and timesteps: our CFG-on-eps DDIM (x0 clipped) equals diffusers'
     DDIMScheduler stepping on CFG-on-v, down to the final step to abar = 1."""
     from diffusers import DDIMScheduler
@@ -210,7 +213,7 @@ def test_ddim_sampler_matches_diffusers_ddim_with_v_prediction(trained, monkeypa
     )
     scheduler.set_timesteps(4)  # 999, 749, 499, 249 -> -1 (abar = 1)
     monkeypatch.setattr(evaluation, "ddim_timesteps", lambda *_: scheduler.timesteps.clone())
-    ours = ddim_sample(prior, pair, noise, guidance_scale=7.5, num_steps=4)
+    ours = ddim_sample(prior, pair, noise, 7.5, 4, eps_from_clipped_x0)
 
     both = Condition.concat([pair.positive, pair.negative])
     x = noise
@@ -220,5 +223,21 @@ def test_ddim_sampler_matches_diffusers_ddim_with_v_prediction(trained, monkeypa
             v_cond, v_uncond = prior.unet(
                 torch.cat([x, x]), t, encoder_hidden_states=both.tokens, class_labels=labels
             ).sample.chunk(2)
-        x = scheduler.step(v_uncond + 7.5 * (v_cond - v_uncond), t, x).prev_sample
+        v = v_uncond + 7.5 * (v_cond - v_uncond)
+        x = scheduler.step(v, t, x, use_clipped_model_output=eps_from_clipped_x0).prev_sample
     assert torch.allclose(ours, x, atol=1e-4)
+
+
+def test_guidance_overshoot_clipped_away_does_not_darken_the_next_step():
+    """CFG asks for x0 = 2.3 on a white pixel noised with n; clipped to white, the step must land
+    on white noised with the same n at the next level. Keeping the unclipped eps instead moves the
+    clipped-off 1.3 into the noise, inverted: the pixel darkens (the 0.00-accuracy samples)."""
+    abar = ddpm_alphas_cumprod(1000, 0.00085, 0.012)
+    a_t, a_s = abar[999], abar[958]
+    n = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    x_t = a_t.sqrt() + (1.0 - a_t).sqrt() * n
+    guided_eps = (x_t - a_t.sqrt() * 2.3) / (1.0 - a_t).sqrt()
+    white_at_s = a_s.sqrt() + (1.0 - a_s).sqrt() * n
+    assert torch.allclose(ddim_step(x_t, guided_eps, a_t, a_s), white_at_s, atol=1e-5)
+    darkened = ddim_step(x_t, guided_eps, a_t, a_s, eps_from_clipped_x0=False)
+    assert (darkened < white_at_s - 0.05).all()
