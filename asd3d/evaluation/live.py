@@ -78,7 +78,7 @@ class LiveValidation(nn.Module):
     def start(self, test_prompts: list[str], device: torch.device) -> None:
         """Begin a validation pass over the corpus' ``test_prompts`` (all ranks)."""
         self._rows, self._videos = [], {}
-        if not self.uses_clip:
+        if self.clip_model is None:
             return
         if self._scorer is None:
             scorer = ClipScorer(self.clip_model, self.clip_pretrained, device=device)

@@ -16,6 +16,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from hydra.utils import instantiate
@@ -29,6 +30,9 @@ from asd3d.io import CONFIG_KEY, atomic_torch_save, atomic_write_text, load_chec
 from asd3d.miniature.dataset import RenderDataset, load_or_render
 from asd3d.prior.miniature import CLASS_LABELS, METADATA_FILE, unet_class_labels
 from asd3d.prior.schedule import ddpm_alphas_cumprod, gather_abar
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "elapsed_s", "steps_per_s")
 
@@ -121,13 +125,13 @@ def _read_log(path: Path, up_to_step: int) -> list[dict]:
 
 
 def export_pretrained(
-    unet: torch.nn.Module, cfg: DictConfig, prompts: list[str], step: int, out: Path
+    unet: UNet2DConditionModel, cfg: DictConfig, prompts: list[str], step: int, out: Path
 ) -> Path:
     """Write the diffusers directory ``prior=miniature`` loads: ``unet/``, ``scheduler/`` and
     ``miniature.json`` (text encoder, resolution, camera code and the training prompts)."""
     from diffusers import DDPMScheduler
 
-    unet.save_pretrained(out / "unet", safe_serialization=True)
+    unet.save_pretrained(out / "unet", safe_serialization=True)  # type: ignore[attr-defined]
     DDPMScheduler(
         num_train_timesteps=int(cfg.schedule.num_train_timesteps),
         beta_start=float(cfg.schedule.beta_start),
@@ -135,8 +139,8 @@ def export_pretrained(
         beta_schedule=str(cfg.schedule.beta_schedule),
         prediction_type=str(cfg.schedule.prediction_type),
         clip_sample=False,
-    ).save_pretrained(out / "scheduler")
-    encoder = OmegaConf.to_container(cfg.text_encoder, resolve=True)
+    ).save_pretrained(out / "scheduler")  # type: ignore[attr-defined]
+    encoder = cast(dict, OmegaConf.to_container(cfg.text_encoder, resolve=True))
     metadata = {
         "text_encoder": {k: v for k, v in encoder.items() if k != "_target_"},
         "resolution": int(cfg.data.resolution),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -223,7 +224,7 @@ class MiniaturePrior(Prior):
                 encoder_hidden_states=condition.tokens.to(self.device, self.model_dtype),
                 class_labels=unet_class_labels(
                     condition.tokens.to(self.device).float(),
-                    self.empty_tokens,
+                    cast(Tensor, self.empty_tokens),
                     condition.cameras.flat_matrix().to(self.device),
                 ).to(self.device, self.model_dtype),
             ).sample
