@@ -23,7 +23,7 @@ venv: $(STAMP) ## create or refresh the virtualenv (.venv) with asd3d and its de
 quickstart: $(STAMP) ## train the quickstart (procedural world, CPU, minutes), evaluate it, print where results are
 	$(PY) train.py experiment=quickstart hydra.run.dir=$(RUN_DIR)
 	$(PY) evaluate.py ckpt=$(RUN_DIR)/checkpoints/last.ckpt
-	@echo "Results: $(RUN_DIR)/eval  (contact_sheet.png, turntables/, metrics.json); training curves: $(RUN_DIR)/csv/metrics.csv"
+	@echo "Results: $(RUN_DIR)/eval  (index.html gallery, contact_sheet.png, turntables/, metrics.json); training curves: $(RUN_DIR)/csv/metrics.csv"
 
 test: $(STAMP) ## run the fast test suite (CPU, offline)
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q
