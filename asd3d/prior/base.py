@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
@@ -52,3 +53,13 @@ class Prior(nn.Module, abc.ABC):
         self.requires_grad_(False)
         self.eval()
         return self
+
+
+def to_pixel_space(rgb: Float[Tensor, "B 3 H W"], resolution: int) -> Float[Tensor, "B 3 r r"]:
+    """Renders in ``[0, 1]`` -> ``2 rgb - 1`` at ``resolution`` (antialiased bilinear resize when
+    the size differs); differentiable. The input of pixel-space priors (no VAE)."""
+    if rgb.shape[-2:] != (resolution, resolution):
+        rgb = F.interpolate(
+            rgb, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True
+        )
+    return rgb * 2.0 - 1.0

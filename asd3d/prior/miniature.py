@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from asd3d.prior.base import Prior
+from asd3d.prior.base import Prior, to_pixel_space
 from asd3d.prior.schedule import gather_abar
 from asd3d.prior.stable_diffusion import resolve_dtype, resolve_pretrained
 from asd3d.types import Cameras, Condition, ConditionPair, PromptBatch, TextEmbedding
@@ -200,15 +199,7 @@ class MiniaturePrior(Prior):
     ) -> Float[Tensor, "B 3 r r"]:
         """Renders in ``[0, 1]`` -> ``2 rgb - 1`` at the prior's resolution (antialiased resize
         when the render size differs); differentiable."""
-        if rgb.shape[-2:] != (self.resolution, self.resolution):
-            rgb = F.interpolate(
-                rgb,
-                size=(self.resolution, self.resolution),
-                mode="bilinear",
-                align_corners=False,
-                antialias=True,
-            )
-        return rgb * 2.0 - 1.0
+        return to_pixel_space(rgb, self.resolution)
 
     @torch.no_grad()
     def predict_eps(

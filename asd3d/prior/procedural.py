@@ -20,12 +20,11 @@ import random
 import zlib
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from asd3d.corpus.procedural import ProceduralCorpus
-from asd3d.prior.base import Prior
+from asd3d.prior.base import Prior, to_pixel_space
 from asd3d.prior.schedule import ddpm_alphas_cumprod, gather_abar
 from asd3d.types import Cameras, Condition, ConditionPair, PromptBatch, TextEmbedding
 from asd3d.world.ground_truth import GroundTruthRenderer
@@ -109,15 +108,7 @@ class ProceduralPrior(Prior):
     def encode_images(
         self, rgb: Float[Tensor, "B 3 H W"], generator: torch.Generator | None = None
     ) -> Float[Tensor, "B 3 r r"]:
-        if rgb.shape[-1] != self.resolution or rgb.shape[-2] != self.resolution:
-            rgb = F.interpolate(
-                rgb,
-                size=(self.resolution, self.resolution),
-                mode="bilinear",
-                align_corners=False,
-                antialias=True,
-            )
-        return rgb * 2.0 - 1.0
+        return to_pixel_space(rgb, self.resolution)
 
     @torch.no_grad()
     def predict_eps(
