@@ -237,11 +237,17 @@ def camera_rays(
 
     Pinhole with square pixels; ``fovy`` spans the image height; row 0 is the top of the image.
     """
+    return pixel_rays(cameras.c2w, cameras.fovy, height, width)
+
+
+def pixel_rays(
+    c2w: Float[Tensor, "B 4 4"], fovy: Float[Tensor, "B"], height: int, width: int
+) -> tuple[Float[Tensor, "B H W 3"], Float[Tensor, "B H W 3"]]:
+    """:func:`camera_rays` from the bare camera-to-world matrices and vertical fields of view."""
     if height < 1 or width < 1:
         raise ValueError(f"image size {height}x{width} must be positive")
-    c2w = cameras.c2w
     dtype, device = c2w.dtype, c2w.device
-    focal = (height / 2) / torch.tan(cameras.fovy.to(dtype) / 2)  # B, in pixels
+    focal = (height / 2) / torch.tan(fovy.to(dtype) / 2)  # B, in pixels
     cols = torch.arange(width, dtype=dtype, device=device) + 0.5 - width / 2
     rows = torch.arange(height, dtype=dtype, device=device) + 0.5 - height / 2
     x = cols[None, None, :] / focal[:, None, None]
@@ -252,3 +258,15 @@ def camera_rays(
     directions = torch.nn.functional.normalize(directions, dim=-1)
     origins = c2w[:, None, None, :3, 3].expand_as(directions)
     return origins, directions
+
+
+def plucker_rays(
+    c2w: Float[Tensor, "B 4 4"], fovy: Float[Tensor, "B"], resolution: int
+) -> Float[Tensor, "B 6 r r"]:
+    """Per-pixel Plücker coordinates of the camera rays, channel-first: the unit direction ``d``
+    and the moment ``o x d`` (whose norm is the ray's distance from the world origin, where the
+    scene sits). A pixel-aligned camera code a convolutional network reads directly (used as
+    extra input channels by camera-conditioned diffusion models, e.g. CAT3D / SPAD)."""
+    origins, directions = pixel_rays(c2w, fovy, resolution, resolution)
+    moments = torch.linalg.cross(origins, directions, dim=-1)
+    return torch.cat([directions, moments], dim=-1).permute(0, 3, 1, 2).contiguous()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from asd3d.cameras import CameraSampler, camera_rays, look_at, orbit_cameras
+from asd3d.cameras import CameraSampler, camera_rays, look_at, orbit_cameras, plucker_rays
 from asd3d.types import Cameras
 
 SD = dict(
@@ -162,3 +162,22 @@ def test_orbit_cameras_reject_bad_values():
         orbit_cameras(4, 15.0, 1.5, 0.0)
     with pytest.raises(ValueError, match="distance"):
         orbit_cameras(4, 15.0, -1.0, 70.0)
+
+
+def test_plucker_rays_are_unit_directions_and_moments_whose_norm_is_the_distance_to_the_origin():
+    cameras = CameraSampler([1.4, 1.8], [50, 70], [0, 45], [-180, 180]).sample(3)
+    rays = plucker_rays(cameras.c2w, cameras.fovy, 5)
+    assert rays.shape == (3, 6, 5, 5)
+    directions, moments = rays[:, :3], rays[:, 3:]
+    assert torch.allclose(directions.norm(dim=1), torch.ones(3, 5, 5), atol=1e-5)
+    assert torch.allclose((directions * moments).sum(dim=1), torch.zeros(3, 5, 5), atol=1e-5)
+    # The centre pixel's ray (odd size: through the image centre) passes through the origin the
+    # cameras look at; its moment vanishes and its direction points from the camera to the origin.
+    centre = rays[:, :, 2, 2]
+    assert torch.allclose(centre[:, 3:], torch.zeros(3, 3), atol=1e-5)
+    towards = torch.nn.functional.normalize(-cameras.centers, dim=-1)
+    assert torch.allclose(centre[:, :3], towards, atol=1e-5)
+    # Against the point-to-line distance computed from camera_rays directly.
+    origins, dirs = camera_rays(cameras, 5, 5)
+    closest = origins - (origins * dirs).sum(-1, keepdim=True) * dirs
+    assert torch.allclose(moments.norm(dim=1), closest.norm(dim=-1), atol=1e-5)

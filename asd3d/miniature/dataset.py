@@ -22,12 +22,13 @@ from asd3d.cameras import CameraSampler
 from asd3d.io import atomic_torch_save
 from asd3d.world.ground_truth import GroundTruthRenderer
 
-_FORMAT = 1  # bump when the cache layout or the rendering code changes meaning
+_FORMAT = 2  # bump when the cache layout or the rendering code changes meaning
 
 
 @dataclass(frozen=True)
 class RenderDataset:
-    """``N = P * views_per_prompt`` renders with their prompt index and flattened camera.
+    """``N = P * views_per_prompt`` renders with their prompt index and camera (flattened
+    camera-to-world matrix and vertical field of view).
 
     ``images`` are stored as uint8 (exactly what an 8-bit PNG of the render would hold) to keep
     the cache small; :meth:`batch` returns them scaled to the prior's ``[-1, 1]`` pixel space.
@@ -37,16 +38,18 @@ class RenderDataset:
     images: Int[Tensor, "N 3 H W"]
     prompt_ids: Int[Tensor, "N"]
     cameras: Float[Tensor, "N 16"]
+    fovy: Float[Tensor, "N"]
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def batch(
         self, index: Int[Tensor, "B"]
-    ) -> tuple[Float[Tensor, "B 3 H W"], Int[Tensor, "B"], Float[Tensor, "B 16"]]:
-        """Images in ``[-1, 1]``, prompt indices and camera codes of rows ``index``."""
+    ) -> tuple[Float[Tensor, "B 3 H W"], Int[Tensor, "B"], Float[Tensor, "B 16"], Float[Tensor, "B"]]:
+        """Images in ``[-1, 1]``, prompt indices, camera codes and fields of view of rows
+        ``index``."""
         images = self.images[index].float() / 127.5 - 1.0
-        return images, self.prompt_ids[index], self.cameras[index]
+        return images, self.prompt_ids[index], self.cameras[index], self.fovy[index]
 
 
 def cache_key(
@@ -82,7 +85,9 @@ def render_views(
         texts = [prompts[i] for i in prompt_ids[rows].tolist()]
         rgb = ground_truth(texts, sampled.index(rows), resolution).rgb
         images[rows] = (rgb.clamp(0, 1) * 255.0).round().to(torch.uint8)
-    return RenderDataset(tuple(prompts), images, prompt_ids, sampled.flat_matrix().contiguous())
+    return RenderDataset(
+        tuple(prompts), images, prompt_ids, sampled.flat_matrix().contiguous(), sampled.fovy
+    )
 
 
 def load_or_render(
@@ -105,7 +110,11 @@ def load_or_render(
     if path.is_file():
         stored = torch.load(path, map_location="cpu", weights_only=True)
         return RenderDataset(
-            tuple(stored["prompts"]), stored["images"], stored["prompt_ids"], stored["cameras"]
+            tuple(stored["prompts"]),
+            stored["images"],
+            stored["prompt_ids"],
+            stored["cameras"],
+            stored["fovy"],
         )
     data = render_views(prompts, views_per_prompt, resolution, cameras, ground_truth, seed)
     atomic_torch_save(
@@ -114,6 +123,7 @@ def load_or_render(
             "images": data.images,
             "prompt_ids": data.prompt_ids,
             "cameras": data.cameras,
+            "fovy": data.fovy,
             "settings": json.dumps(settings, sort_keys=True),
         },
         path,

@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from asd3d.distiller.base import PredictFn
 from asd3d.distiller.math import add_noise
 from asd3d.io import atomic_path, atomic_write_text
 from asd3d.prior.base import Prior
@@ -33,23 +34,36 @@ def noise_prediction_error(
     timesteps: Int[Tensor, "S"],
     num_noise: int = 4,
     seed: int = 0,
+    predict: PredictFn | None = None,
+    timesteps_per_call: int = 1,
 ) -> Float[Tensor, "S"]:
     """Mean squared noise-prediction error per timestep over ``N`` images x ``num_noise`` draws.
 
     The same noise draws are used at every timestep, so the curve's shape is not sampling noise.
+    ``predict`` replaces ``prior.predict_eps`` (e.g. a LoRA fine-tuned copy of the prior, as in
+    :mod:`asd3d.claims.error_curve`); the prior still supplies the schedule. ``timesteps_per_call``
+    timesteps share one prediction call (``N`` rows each; the procedural prior then renders each
+    scene once per call). Runs on ``x0``'s device.
     """
+    if timesteps_per_call < 1:
+        raise ValueError(f"timesteps_per_call={timesteps_per_call} must be >= 1")
+    predict = prior.predict_eps if predict is None else predict
     generator = torch.Generator().manual_seed(seed)
-    noises = [torch.randn(x0.shape, generator=generator) for _ in range(num_noise)]
-    errors = []
-    for t in timesteps.tolist():
-        t_batch = torch.full((len(x0),), t, dtype=torch.long)
-        abar = gather_abar(prior.alphas_cumprod.cpu(), t_batch)
-        total = 0.0
-        for eps in noises:
-            x_t = add_noise(x0, eps, abar)
-            total += (prior.predict_eps(x_t, t_batch, condition).cpu() - eps).square().mean().item()
-        errors.append(total / num_noise)
-    return torch.tensor(errors)
+    noises = [torch.randn(x0.shape, generator=generator).to(x0) for _ in range(num_noise)]
+    alphas_cumprod = prior.alphas_cumprod.to(x0.device)
+    errors = torch.zeros(len(timesteps), dtype=torch.float64)
+    for eps in noises:
+        for start in range(0, len(timesteps), timesteps_per_call):
+            chunk = timesteps[start : start + timesteps_per_call].to(x0.device)
+            t_batch = chunk.repeat_interleave(len(x0))
+            eps_rows = eps.repeat(len(chunk), 1, 1, 1)
+            x_t = add_noise(
+                x0.repeat(len(chunk), 1, 1, 1), eps_rows, gather_abar(alphas_cumprod, t_batch)
+            )
+            rows = Condition.concat([condition] * len(chunk))
+            error = (predict(x_t, t_batch, rows).to(eps) - eps_rows).square()
+            errors[start : start + len(chunk)] += error.view(len(chunk), -1).double().mean(1).cpu()
+    return (errors / num_noise).float()
 
 
 def write_error_curve(

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from asd3d.distiller.math import add_noise
 from asd3d.io import CONFIG_KEY, atomic_torch_save, atomic_write_text, load_checkpoint
 from asd3d.miniature.dataset import RenderDataset, load_or_render
-from asd3d.prior.miniature import CLASS_LABELS, METADATA_FILE, unet_class_labels
+from asd3d.prior.miniature import CLASS_LABELS, INPUT_CHANNELS, METADATA_FILE, unet_prediction
 from asd3d.prior.schedule import ddpm_alphas_cumprod, gather_abar
 
 if TYPE_CHECKING:
@@ -77,6 +77,7 @@ def diffusion_loss(
     tokens: Float[Tensor, "B L D"],
     empty_tokens: Float[Tensor, "1 L D"],
     cameras: Float[Tensor, "B 16"],
+    fovy: Float[Tensor, "B"],
     alphas_cumprod: Float[Tensor, "T"],
     prediction_type: str = "epsilon",
 ) -> Tensor:
@@ -84,8 +85,7 @@ def diffusion_loss(
     ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0`` (Salimans & Ho 2022, SD 2.1's target)."""
     abar = gather_abar(alphas_cumprod, t)
     x_t = add_noise(x0, eps, abar)
-    labels = unet_class_labels(tokens, empty_tokens, cameras)
-    pred = unet(x_t, t, encoder_hidden_states=tokens, class_labels=labels).sample
+    pred = unet_prediction(unet, x_t, t, tokens, empty_tokens, cameras.view(-1, 4, 4), fovy)
     if prediction_type == "v_prediction":
         return torch.nn.functional.mse_loss(pred, abar.sqrt() * eps - (1.0 - abar).sqrt() * x0)
     return torch.nn.functional.mse_loss(pred, eps)
@@ -145,6 +145,7 @@ def export_pretrained(
         "text_encoder": {k: v for k, v in encoder.items() if k != "_target_"},
         "resolution": int(cfg.data.resolution),
         "class_labels": CLASS_LABELS,
+        "input_channels": INPUT_CHANNELS,
         "negative_prompt": "",
         "background_rgb": list(cfg.ground_truth.background_rgb),
         "prompts": prompts,
@@ -224,7 +225,7 @@ def run_prior_training(cfg: DictConfig) -> dict:
     elapsed_before = elapsed
     while step < int(train.max_steps):
         index = torch.randint(len(data), (batch,), generator=generator)
-        x0, prompt_ids, cameras = data.batch(index)
+        x0, prompt_ids, cameras, fovy = data.batch(index)
         t = torch.randint(0, alphas_cumprod.shape[0], (batch,), generator=generator)
         eps = torch.randn(x0.shape, generator=generator)
         dropped = torch.rand(batch, generator=generator) < dropout
@@ -237,6 +238,7 @@ def run_prior_training(cfg: DictConfig) -> dict:
             tokens,
             empty_tokens,
             cameras,
+            fovy,
             alphas_cumprod,
             str(cfg.schedule.prediction_type),
         )

@@ -5,9 +5,10 @@ Unlike the exact procedural prior it is a learned network with a noise-predictio
 varies with ``t`` (paper Fig. 2), loaded through the same diffusers code path as SD
 (``UNet2DConditionModel.from_pretrained``). It works on renders themselves (``[-1, 1]`` pixels at
 its training resolution, no VAE), reads the world's procedural text encoder (same token states as
-``prior=procedural``) through cross-attention, and takes the camera like MVDream: the flattened
+``prior=procedural``) through cross-attention, and takes the camera twice: like MVDream, the flattened
 4x4 camera-to-world matrix through an MLP added to the time embedding (diffusers'
-``class_embed_type="projection"``), together with a global text code (:func:`text_code`).
+``class_embed_type="projection"``, together with a global text code, :func:`text_code`), and as
+per-pixel Plücker ray coordinates concatenated to the noisy image (:func:`unet_prediction`).
 The unconditional branch is the empty prompt at the same camera.
 """
 
@@ -21,6 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from asd3d.cameras import plucker_rays
 from asd3d.prior.base import Prior, to_pixel_space
 from asd3d.prior.schedule import gather_abar
 from asd3d.prior.stable_diffusion import resolve_dtype, resolve_pretrained
@@ -34,6 +36,9 @@ CLASS_LABELS = (
     "[row-major flattened OpenGL camera-to-world matrix (asd3d.types.Cameras.flat_matrix), "
     "end token state (the pooled text vector)] -> MLP added to the time embedding"
 )
+# The UNet's input channels: the noisy RGB image, then the camera's per-pixel Plücker rays.
+INPUT_CHANNELS = "[noisy RGB (3), Plücker ray direction (3), ray moment o x d (3)]"
+IMAGE_CHANNELS, RAY_CHANNELS = 3, 6
 HOW_TO_PROVIDE = (
     "train one with `python train_prior.py` and set prior.pretrained=<its export_dir> "
     "(the default location is weights/miniature: `python train_prior.py export_dir=weights/miniature`)"
@@ -73,6 +78,35 @@ def unet_class_labels(
     :func:`text_code`, which reaches every ResNet block (cross-attention only runs at the lowest
     resolution)."""
     return torch.cat([camera_codes, text_code(tokens, empty_tokens)], dim=-1)
+
+
+def unet_prediction(
+    unet: torch.nn.Module,
+    x_t: Float[Tensor, "N 3 r r"],
+    t: Int[Tensor, "N"],
+    tokens: Float[Tensor, "N L D"],
+    empty_tokens: Float[Tensor, "1 L D"],
+    c2w: Float[Tensor, "N 4 4"],
+    fovy: Float[Tensor, "N"],
+) -> Float[Tensor, "N 3 r r"]:
+    """The miniature UNet's raw output (epsilon or v) for noisy images seen from ``c2w``/``fovy``.
+
+    The camera enters twice. MVDream's global code (flattened ``c2w`` in the time embedding,
+    :func:`unet_class_labels`) alone was not used by a 4,000-step run: its denoising loss with the
+    cameras shuffled across the batch equalled the loss with the right ones to 0.1%, and its
+    samples were the same blob from every view. The per-pixel Plücker rays
+    (:func:`asd3d.cameras.plucker_rays`) tell each convolution where the scene's centre projects
+    and which side of it the pixel sees, which a small network picks up quickly.
+    """
+    dtype = next(unet.parameters()).dtype
+    rays = plucker_rays(c2w.float(), fovy.float(), x_t.shape[-1])
+    labels = unet_class_labels(tokens.float(), empty_tokens.float(), c2w.reshape(-1, 16).float())
+    return unet(
+        torch.cat([x_t.to(rays.dtype), rays], dim=1).to(dtype),
+        t,
+        encoder_hidden_states=tokens.to(dtype),
+        class_labels=labels.to(dtype),
+    ).sample
 
 
 def read_metadata(root: Path, pretrained: str) -> dict:
@@ -116,12 +150,13 @@ class MiniaturePrior(Prior):
         self.model_dtype = resolve_dtype(str(dtype))
         root = resolve_pretrained(self.pretrained)
         metadata = read_metadata(root, self.pretrained)
-        if metadata.get("class_labels") != CLASS_LABELS:
-            raise ValueError(
-                f"prior.pretrained={self.pretrained!r}: its class labels are "
-                f"{metadata.get('class_labels')!r}, this code feeds {CLASS_LABELS!r}; "
-                "retrain it with `python train_prior.py`"
-            )
+        for key, ours in (("class_labels", CLASS_LABELS), ("input_channels", INPUT_CHANNELS)):
+            if metadata.get(key) != ours:
+                raise ValueError(
+                    f"prior.pretrained={self.pretrained!r}: its {key} are "
+                    f"{metadata.get(key)!r}, this code feeds {ours!r}; "
+                    "retrain it with `python train_prior.py`"
+                )
         encoder_settings = metadata["text_encoder"]
         if int(encoder_settings["dim"]) != int(text_dim):
             raise ValueError(
@@ -145,6 +180,12 @@ class MiniaturePrior(Prior):
                 f"({type(err).__name__}: {message[:200]}); {HOW_TO_PROVIDE}"
             ) from err
         expected = 16 + self.text_dim
+        if self.unet.config.in_channels != IMAGE_CHANNELS + RAY_CHANNELS:
+            raise ValueError(
+                f"prior.pretrained={self.pretrained!r}: the UNet takes "
+                f"{self.unet.config.in_channels} input channels, expected "
+                f"{IMAGE_CHANNELS + RAY_CHANNELS} {INPUT_CHANNELS}"
+            )
         if self.unet.config.projection_class_embeddings_input_dim != expected:
             raise ValueError(
                 f"prior.pretrained={self.pretrained!r}: the UNet takes "
@@ -206,19 +247,26 @@ class MiniaturePrior(Prior):
         self, x_t: Float[Tensor, "N 3 r r"], t: Int[Tensor, "N"], condition: Condition
     ) -> Float[Tensor, "N 3 r r"]:
         """One UNet call on all rows (mixed timesteps, prompts and cameras)."""
+        return self.predict_eps_with_grad(x_t, t, condition)
+
+    def predict_eps_with_grad(
+        self, x_t: Float[Tensor, "N 3 r r"], t: Int[Tensor, "N"], condition: Condition
+    ) -> Float[Tensor, "N 3 r r"]:
+        """:meth:`predict_eps` with autograd on, for trainable layers injected into the UNet
+        (VSD's LoRA, :mod:`asd3d.prior.lora`); the frozen weights get no gradient."""
         if condition.tokens is None:
             raise ValueError("MiniaturePrior.predict_eps needs condition.tokens")
+        cameras = condition.cameras.to(self.device)
         with torch.autocast(device_type=x_t.device.type, enabled=False):
-            out = self.unet(
-                x_t.to(self.device, self.model_dtype),
+            out = unet_prediction(
+                self.unet,
+                x_t.to(self.device),
                 t.to(self.device),
-                encoder_hidden_states=condition.tokens.to(self.device, self.model_dtype),
-                class_labels=unet_class_labels(
-                    condition.tokens.to(self.device).float(),
-                    cast(Tensor, self.empty_tokens),
-                    condition.cameras.flat_matrix().to(self.device),
-                ).to(self.device, self.model_dtype),
-            ).sample
+                condition.tokens.to(self.device),
+                cast(Tensor, self.empty_tokens),
+                cameras.c2w,
+                cameras.fovy,
+            )
         out = out.float().contiguous()
         if self.prediction_type == "v_prediction":
             # eps = sqrt(abar) v + sqrt(1 - abar) x_t (REFERENCE.md §2), as for SD 2.1.

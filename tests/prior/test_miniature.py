@@ -18,7 +18,7 @@ from asd3d.cli import one_line
 from asd3d.miniature import evaluation
 from asd3d.miniature.evaluation import ddim_sample, ddim_step, ddim_timesteps
 from asd3d.miniature.training import run_prior_training, warmup_cosine
-from asd3d.prior.miniature import MiniaturePrior, text_code, unet_class_labels
+from asd3d.prior.miniature import MiniaturePrior, text_code, unet_prediction
 from asd3d.prior.schedule import ddpm_alphas_cumprod
 from asd3d.types import Condition, PromptBatch
 from asd3d.world.text_encoder import ProceduralTextEncoder
@@ -168,12 +168,26 @@ def test_v_prediction_is_returned_as_noise(trained, tmp_path):
     cameras = CameraSampler([1.4, 1.8], [50, 70], [0, 45], [-180, 180]).sample(2)
     positive = prior.condition(PromptBatch(torch.arange(2), ("a", "b")), cameras).positive
     x_t, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
-    labels = unet_class_labels(positive.tokens, prior.empty_tokens, cameras.flat_matrix())
     with torch.no_grad():
-        v = prior.unet(x_t, t, encoder_hidden_states=positive.tokens, class_labels=labels).sample
+        v = unet_prediction(
+            prior.unet, x_t, t, positive.tokens, prior.empty_tokens, cameras.c2w, cameras.fovy
+        )
     abar = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
     expected = abar.sqrt() * v + (1 - abar).sqrt() * x_t  # eps from v (REFERENCE.md §2)
     assert torch.allclose(prior.predict_eps(x_t, t, positive), expected, atol=1e-6)
+
+
+def test_the_unet_sees_the_camera_per_pixel(trained):
+    """The UNet's input is the noisy image plus the camera's Plücker rays: the same image seen
+    from another camera gets another prediction (the global camera code alone was ignored)."""
+    cfg, _ = trained
+    prior = MiniaturePrior(str(cfg.export_dir))
+    assert prior.unet.config.in_channels == 3 + 6
+    cameras = CameraSampler([1.4, 1.8], [50, 70], [0, 45], [-180, 180]).sample(2)
+    positive = prior.condition(PromptBatch(torch.arange(2), ("a", "a")), cameras).positive
+    x_t, t = torch.randn(1, 3, 8, 8).expand(2, -1, -1, -1), torch.tensor([500, 500])
+    eps = prior.predict_eps(x_t, t, positive)
+    assert not torch.allclose(eps[0], eps[1], atol=1e-4)
 
 
 def test_text_code_is_the_pooled_vector_and_tells_prompts_apart():
@@ -218,11 +232,16 @@ def test_ddim_sampler_matches_diffusers_ddim_with_v_prediction(
     both = Condition.concat([pair.positive, pair.negative])
     x = noise
     for t in scheduler.timesteps:
-        labels = unet_class_labels(both.tokens, prior.empty_tokens, both.cameras.flat_matrix())
         with torch.no_grad():
-            v_cond, v_uncond = prior.unet(
-                torch.cat([x, x]), t, encoder_hidden_states=both.tokens, class_labels=labels
-            ).sample.chunk(2)
+            v_cond, v_uncond = unet_prediction(
+                prior.unet,
+                torch.cat([x, x]),
+                t.expand(2 * len(x)),
+                both.tokens,
+                prior.empty_tokens,
+                both.cameras.c2w,
+                both.cameras.fovy,
+            ).chunk(2)
         v = v_uncond + 7.5 * (v_cond - v_uncond)
         x = scheduler.step(v, t, x, use_clipped_model_output=eps_from_clipped_x0).prev_sample
     assert torch.allclose(ours, x, atol=1e-4)
