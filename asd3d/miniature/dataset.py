@@ -45,7 +45,9 @@ class RenderDataset:
 
     def batch(
         self, index: Int[Tensor, "B"]
-    ) -> tuple[Float[Tensor, "B 3 H W"], Int[Tensor, "B"], Float[Tensor, "B 16"], Float[Tensor, "B"]]:
+    ) -> tuple[
+        Float[Tensor, "B 3 H W"], Int[Tensor, "B"], Float[Tensor, "B 16"], Float[Tensor, "B"]
+    ]:
         """Images in ``[-1, 1]``, prompt indices, camera codes and fields of view of rows
         ``index``."""
         images = self.images[index].float() / 127.5 - 1.0
