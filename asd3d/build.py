@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -82,12 +84,28 @@ def quiet_cpu_trainer(max_steps: int, **overrides: Any):
     return pl.Trainer(**{**settings, **overrides})
 
 
+def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
+    """A ``device`` option: ``auto`` (this process's GPU when CUDA is available, else CPU),
+    ``cpu``, ``cuda`` (GPU ``local_rank``) or ``cuda:<index>``."""
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda":
+        return torch.device("cuda", local_rank)
+    if setting == "cpu" or re.fullmatch(r"cuda:\d+", setting):
+        return torch.device(setting)
+    raise ValueError(f"device={setting!r} is not one of auto, cpu, cuda, cuda:<index>")
+
+
+def build_prior(cfg: DictConfig, corpus: Corpus) -> Prior:
+    """The configured prior; priors that need the corpus (the procedural one) get ``corpus``."""
+    prior_kwargs = {"corpus": corpus} if "corpus" in cfg.prior else {}
+    return instantiate(cfg.prior, **prior_kwargs)
+
+
 def build_parts(cfg: DictConfig) -> Parts:
     """Build corpus, prior, generator, renderer and (procedural corpora) the oracle."""
     corpus = instantiate(cfg.corpus)
-    # Priors that need the corpus (the procedural one) get the object already built.
-    prior_kwargs = {"corpus": corpus} if "corpus" in cfg.prior else {}
-    prior = instantiate(cfg.prior, **prior_kwargs)
+    prior = build_prior(cfg, corpus)
     generator = instantiate(cfg.generator)
     renderer = instantiate(cfg.renderer)
     oracle = (

@@ -22,6 +22,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from asd3d.build import resolve_device
 from asd3d.cli import user_errors
 from asd3d.corpus.base import Corpus, check_split
 from asd3d.prior.embedding_cache import build_embedding_file
@@ -35,22 +36,12 @@ def corpus_texts(corpus: Corpus, splits: list[str], prior) -> Iterator[str]:
     yield prior.negative_prompt
 
 
-def _device(setting: str, local_rank: int) -> torch.device:
-    if setting == "auto":
-        setting = "cuda" if torch.cuda.is_available() else "cpu"
-    if setting == "cuda":
-        return torch.device("cuda", local_rank)
-    if setting == "cpu":
-        return torch.device("cpu")
-    raise ValueError(f"device={setting!r} is not one of auto, cpu, cuda")
-
-
 def embed_prompts(cfg: DictConfig) -> Path:
     """Build ``cfg.out`` from ``cfg.corpus`` and ``cfg.prior`` (this process' share under DDP)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device(str(cfg.device), local_rank)
+    device = resolve_device(str(cfg.device), local_rank)
     barrier = lambda: None  # noqa: E731
     if world_size > 1:
         import torch.distributed as dist

@@ -15,7 +15,7 @@ from asd3d.cli import remember_ddp_job_argv, user_errors
 from asd3d.io import load_checkpoint
 
 
-def _instantiate_all(node: DictConfig | None) -> list:
+def instantiate_all(node: DictConfig | None) -> list:
     """Instantiate every entry of a ``{name: {_target_: ...}}`` node, dropping ``None`` results."""
     if not node:
         return []
@@ -34,8 +34,8 @@ def run_training(cfg: DictConfig) -> float | None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         run_config: dict = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
         system = build_system(cfg, run_config)
-        loggers = _instantiate_all(cfg.get("logger"))
-        callbacks = _instantiate_all(cfg.get("callbacks"))
+        loggers = instantiate_all(cfg.get("logger"))
+        callbacks = instantiate_all(cfg.get("callbacks"))
         trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
         for logger in loggers:
             # The resolved config as the run's hyperparameters: W&B can filter/group by any key

@@ -25,14 +25,14 @@ from jaxtyping import Float, Int
 from omegaconf import DictConfig
 from torch import Tensor
 
+from asd3d.build import resolve_device
 from asd3d.claims.shared import (
     ClaimImages,
-    build_prior,
+    build_claim_prior,
     fine_tune_particle,
     images_from_config,
     markdown_table,
     publish,
-    resolve_device,
     write_csv,
 )
 from asd3d.cli import user_errors
@@ -136,7 +136,7 @@ def run_error_curve(cfg: DictConfig) -> dict[str, Float[Tensor, "S"]]:
             f"measure.t_range={[t_low, t_high]} / measure.num_points={measure.num_points}: need "
             "0 <= low < high (at most the prior's last timestep) and at least 2 points"
         )
-    corpus, prior = build_prior(cfg, device)
+    corpus, prior = build_claim_prior(cfg, device)
     if t_high >= prior.num_train_timesteps:
         raise ValueError(
             f"measure.t_range={[t_low, t_high]} exceeds the prior's timesteps "

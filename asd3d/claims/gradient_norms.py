@@ -28,14 +28,14 @@ from omegaconf import DictConfig
 from torch import Tensor
 from tqdm import tqdm
 
+from asd3d.build import resolve_device
 from asd3d.claims.shared import (
     ClaimImages,
-    build_prior,
+    build_claim_prior,
     fine_tune_particle,
     images_from_config,
     markdown_table,
     publish,
-    resolve_device,
     write_csv,
 )
 from asd3d.cli import user_errors
@@ -225,7 +225,7 @@ def run_gradient_norms(cfg: DictConfig) -> dict[str, Float[Tensor, "D B"]]:
         raise ValueError(
             f"num_draws={cfg.num_draws} / draws_per_call={cfg.draws_per_call} must be >= 1"
         )
-    corpus, prior = build_prior(cfg, device)
+    corpus, prior = build_claim_prior(cfg, device)
     if not 0 <= t_low <= t_high < prior.num_train_timesteps:
         raise ValueError(
             f"t_range={[t_low, t_high]} must satisfy 0 <= low <= high <= "

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm import tqdm
 
+from asd3d.build import build_prior
 from asd3d.cameras import CameraSampler
 from asd3d.corpus.base import check_split
 from asd3d.corpus.procedural import ProceduralCorpus
@@ -36,16 +37,7 @@ _RENDER_CHUNK = 256  # views rendered per ground-truth call (bounds memory)
 _ENCODE_CHUNK = 16  # renders per encode_images call (a VAE at 512² is memory-hungry)
 
 
-def resolve_device(setting: str) -> torch.device:
-    """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``."""
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if setting in ("cpu", "cuda"):
-        return torch.device(setting)
-    raise ValueError(f"device={setting!r} is not one of auto, cpu, cuda")
-
-
-def build_prior(cfg: DictConfig, device: torch.device) -> tuple[ProceduralCorpus, Prior]:
+def build_claim_prior(cfg: DictConfig, device: torch.device) -> tuple[ProceduralCorpus, Prior]:
     """The procedural corpus (whose ground truth the images are) and the configured prior."""
     corpus = instantiate(cfg.corpus)
     if not isinstance(corpus, ProceduralCorpus):
@@ -53,9 +45,7 @@ def build_prior(cfg: DictConfig, device: torch.device) -> tuple[ProceduralCorpus
             f"the claim commands render ground truth, which needs corpus=procedural "
             f"(got {type(corpus).__name__}); the prior may be any"
         )
-    prior_kwargs = {"corpus": corpus} if "corpus" in cfg.prior else {}
-    prior = instantiate(cfg.prior, **prior_kwargs).to(device)
-    return corpus, prior
+    return corpus, build_prior(cfg, corpus).to(device)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from asd3d.build import build_prior, resolve_device
 from asd3d.cameras import CameraSampler
 from asd3d.cli import user_errors
 from asd3d.corpus.base import Corpus, check_split
@@ -43,7 +44,7 @@ from asd3d.evaluation.oracle import psnr
 from asd3d.evaluation.procedural import ProceduralOracle
 from asd3d.io import atomic_write_text
 from asd3d.prior.base import Prior
-from asd3d.training import _instantiate_all
+from asd3d.training import instantiate_all
 from asd3d.types import Cameras, ConditionPair, PromptBatch
 
 CSV_COLUMNS = ("method", "step", "loss", "grad_norm", "t", "dt", "aux_loss", "psnr")
@@ -157,14 +158,6 @@ def check_settings(cfg: DictConfig) -> list[str]:
     return names
 
 
-def _device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if setting in ("cpu", "cuda"):
-        return torch.device(setting)
-    raise ValueError(f"device={setting!r} is not one of auto, cpu, cuda")
-
-
 def build_method(
     name: str, cfg: DictConfig, prior: Prior, start: Tensor, device: torch.device
 ) -> MethodRun:
@@ -197,12 +190,11 @@ def run_toy2d(cfg: DictConfig, output_dir: Path) -> ToyResult:
     """Distil one image with each method of ``cfg.run_methods``; write the outputs."""
     torch.set_flush_denormal(True)
     names = check_settings(cfg)
-    device = _device(str(cfg.device))
+    device = resolve_device(str(cfg.device))
     corpus: Corpus = instantiate(cfg.corpus)
     split, index = str(cfg.prompt.split), cfg.prompt.index
     text = choose_prompt(corpus, split, index)
-    prior_kwargs = {"corpus": corpus} if "corpus" in cfg.prior else {}  # as asd3d.build
-    prior: Prior = instantiate(cfg.prior, **prior_kwargs).to(device)
+    prior: Prior = build_prior(cfg, corpus).to(device)
     views = int(cfg.cameras.views_per_prompt)
     cameras = fixed_cameras(cfg.camera, views, device)
     resolution = int(cfg.image.resolution)
@@ -215,7 +207,7 @@ def run_toy2d(cfg: DictConfig, output_dir: Path) -> ToyResult:
         views, resolution, str(cfg.image.init), float(cfg.image.init_std), int(cfg.seed)
     )
     runs = [build_method(name, cfg, prior, start, device) for name in names]
-    loggers = _instantiate_all(cfg.get("logger"))
+    loggers = instantiate_all(cfg.get("logger"))
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 

@@ -34,7 +34,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from asd3d.build import Parts, as_config, build_parts
+from asd3d.build import Parts, as_config, build_parts, resolve_device
 from asd3d.cameras import orbit_cameras
 from asd3d.cli import remember_ddp_job_argv, user_errors
 from asd3d.evaluation.clip import ClipMetrics, ClipScorer
@@ -482,19 +482,13 @@ def _write_summary(ctx: _Context, count: int, means: dict[str, float], resumed: 
     print(" ".join(f"{k}={v:.4f}" for k, v in means.items()) or "no metrics (corpus has no oracle)")
 
 
-def _single_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def run_mesh_export(cfg: DictConfig) -> dict[str, Path]:
     """The body of ``export_mesh.py``: one prompt's mesh in every configured format."""
     torch.set_flush_denormal(True)
     with user_errors():
         ckpt_path = Path(cfg.ckpt)
         checkpoint = load_checkpoint(ckpt_path)
-        device = _single_device(str(cfg.device))
+        device = resolve_device(str(cfg.device))
         _, parts = load_trained_parts(checkpoint, device)
         if cfg.prompt is not None:
             text, index = str(cfg.prompt), int(cfg.index)

@@ -109,7 +109,7 @@ def test_bad_options_give_one_line_errors(tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: device='tpu' is not one of auto, cpu, cuda"
+        "error: device='tpu' is not one of auto, cpu, cuda, cuda:<index>"
     )
 
 
