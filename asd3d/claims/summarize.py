@@ -20,7 +20,9 @@ Metrics come from one of two places (``--source``):
   source for the whole table, so rows stay comparable.
 
 Writes ``summary.csv``, ``summary.md`` and ``summary.png`` (one horizontal bar chart per metric)
-into the multirun directory (or ``--out``), and logs the table and chart to W&B with
+into the multirun directory (or ``--out``), plus the finished runs' training curves
+(``curves.png``, ``curves.csv``: every validation's oracle R@1, PSNR and mask IoU against steps,
+or ``--curve-x minutes``; asd3d/claims/curves.py), and logs the table and charts to W&B with
 ``--wandb auto|online|offline`` (default ``disabled``; asd3d/loggers.py decides online/offline).
 """
 
@@ -37,8 +39,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from asd3d.claims.charts import PALETTE, canvas, chart_font, save_png
+from asd3d.claims.curves import CURVE_X, Curve, curves_csv_text, draw_curves, job_start, read_curve
 from asd3d.cli import user_errors
-from asd3d.io import atomic_path, atomic_write_text
+from asd3d.io import atomic_write_text
 
 __all__ = [
     "METRICS",
@@ -125,6 +129,9 @@ class Summary:
     swept: list[str]
     rows: list[RunRow]
     source: str
+    curve_x: str = "steps"  # the curves' x axis: steps or minutes
+    curves: list[Curve] = field(default_factory=list)  # one per finished run that has one
+    curves_missing: dict[int, str] = field(default_factory=dict)  # job -> why it has no curve
 
     @property
     def finished(self) -> list[RunRow]:
@@ -176,10 +183,10 @@ def _evaluation(run_dir: Path) -> dict[str, float] | None:
 def _training_minutes(run_dir: Path) -> float | None:
     """Wall time from the job's start (Hydra writes ``.hydra/config.yaml`` first) to its last
     checkpoint (written at the end of training): training plus periodic validation."""
-    start, end = run_dir / ".hydra" / "config.yaml", run_dir / "checkpoints" / "last.ckpt"
+    end = run_dir / "checkpoints" / "last.ckpt"
     if not end.exists():
         return None
-    return max(0.0, end.stat().st_mtime - start.stat().st_mtime) / 60.0
+    return max(0.0, end.stat().st_mtime - job_start(run_dir)) / 60.0
 
 
 def _read_run(
@@ -202,10 +209,12 @@ def _read_run(
     return validation, _evaluation(run_dir)
 
 
-def collect(multirun_dir: Path, source: str = "auto") -> Summary:
+def collect(multirun_dir: Path, source: str = "auto", curve_x: str = "steps") -> Summary:
     """Read every job of the multirun at ``multirun_dir``; see the module docstring."""
     if source not in SOURCES:
         raise ValueError(f"source={source!r} is unknown; use one of {', '.join(SOURCES)}")
+    if curve_x not in CURVE_X:
+        raise ValueError(f"curve_x={curve_x!r} is unknown; use one of {', '.join(CURVE_X)}")
     multirun_yaml = multirun_dir / "multirun.yaml"
     if not multirun_yaml.exists():
         raise FileNotFoundError(
@@ -254,7 +263,15 @@ def collect(multirun_dir: Path, source: str = "auto") -> Summary:
             row.missing = f"not evaluated: run python evaluate.py ckpt={ckpt}"
     if not chosen:
         raise ValueError(f"{multirun_dir}: no finished run has eval/metrics.json; use --source val")
-    return Summary(multirun_dir=multirun_dir, swept=swept, rows=rows, source=source)
+    summary = Summary(multirun_dir, swept, rows, source, curve_x)
+    for row in summary.finished:
+        assert row.run_dir is not None
+        curve, why = read_curve(row.job, row.label, row.run_dir, curve_x)
+        if curve is None:
+            summary.curves_missing[row.job] = why
+        else:
+            summary.curves.append(curve)
+    return summary
 
 
 # ---------------------------------------------------------------------------------- writers
@@ -323,31 +340,27 @@ def _markdown(summary: Summary) -> str:
         "|" + "|".join("---" for _ in header) + "|",
         *("| " + " | ".join(cells) + " |" for cells in body),
     ]
-    missing = [r for r in summary.rows if r.missing is not None]
+    missing = [f"- job {r.job} ({r.label}): {r.missing}" for r in summary.rows if r.missing]
+    missing += [
+        f"- job {r.job} ({r.label}): no training curve: {summary.curves_missing[r.job]}"
+        for r in summary.rows
+        if r.job in summary.curves_missing
+    ]
     if missing:
-        lines += ["", f"## Missing ({len(missing)})", ""]
-        lines += [f"- job {r.job} ({r.label}): {r.missing}" for r in missing]
+        lines += ["", f"## Missing ({len(missing)})", "", *missing]
     return "\n".join(lines) + "\n"
-
-
-_BAR_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
 
 
 def _bar_chart(summary: Summary, path: Path) -> None:
     """One horizontal bar panel per metric, a bar per finished run, labels on the left."""
-    from PIL import Image, ImageDraw
-
-    from asd3d.evaluation.media import _font
-
-    font = _font()
+    font = chart_font()
     rows, metrics = summary.finished, summary.metric_keys
     bar, gap, top, bottom, panel = 14, 6, 28, 10, 180
     labels = [r.label for r in rows]
     label_width = int(max(font.getlength(text) for text in labels)) + 12
     width = label_width + len(metrics) * (panel + 16)
     height = top + len(rows) * (bar + gap) + bottom
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
+    image, draw = canvas(width, height)
     for i, text in enumerate(labels):
         draw.text((4, top + i * (bar + gap)), text, fill="black", font=font)
     for m, key in enumerate(metrics):
@@ -358,7 +371,7 @@ def _bar_chart(summary: Summary, path: Path) -> None:
         scale = 1.0 if key in ("oracle_r1", "mask_iou", "clip_r1") else max(high, 1e-9)
         draw.text((left, 6), METRICS[key], fill="black", font=font)
         draw.line([(left, top - 4), (left, height - bottom)], fill="black")
-        colour = _BAR_COLOURS[m % len(_BAR_COLOURS)]
+        colour = PALETTE[m % len(PALETTE)]
         for i, value in enumerate(values):
             if value is None or math.isnan(value):
                 continue
@@ -366,17 +379,24 @@ def _bar_chart(summary: Summary, path: Path) -> None:
             length = max(1, int((panel - 44) * max(0.0, value) / scale))
             draw.rectangle([left + 1, y, left + length, y + bar], fill=colour)
             draw.text((left + length + 3, y), _format(value, key), fill="black", font=font)
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+    save_png(image, path)
 
 
 def write_summary(summary: Summary, out_dir: Path) -> dict[str, Path]:
-    """Write ``summary.csv``, ``summary.md`` and ``summary.png`` into ``out_dir``."""
+    """Write ``summary.csv``, ``summary.md`` and ``summary.png`` into ``out_dir``, and
+    ``curves.csv`` / ``curves.png`` when some finished run has a training curve."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / f"summary.{name}" for name in ("csv", "md", "png")}
     atomic_write_text(paths["csv"], _csv_text(summary))
     atomic_write_text(paths["md"], _markdown(summary))
     _bar_chart(summary, paths["png"])
+    if summary.curves:
+        paths["curves_csv"], paths["curves_png"] = out_dir / "curves.csv", out_dir / "curves.png"
+        atomic_write_text(paths["curves_csv"], curves_csv_text(summary.curves))
+        draw_curves(summary.curves, paths["curves_png"], summary.curve_x)
+    else:  # no run has a curve (see summary.md): leave no stale curves of an earlier call
+        for name in ("curves.csv", "curves.png"):
+            (out_dir / name).unlink(missing_ok=True)
     return paths
 
 
@@ -399,13 +419,16 @@ def log_to_wandb(summary: Summary, paths: dict[str, Path], mode: str, project: s
     header, body = _table(summary)
     logger.log_table(key="summary/table", columns=header, data=body)
     logger.log_image(key="summary/chart", images=[str(paths["png"])])
+    if "curves_png" in paths:
+        logger.log_image(key="summary/curves", images=[str(paths["curves_png"])])
     logger.experiment.finish()
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(
         prog="python -m asd3d.claims.summarize",
-        description="Summarise a `python train.py -m ...` sweep into summary.csv/.md/.png.",
+        description="Summarise a `python train.py -m ...` sweep into summary.csv/.md/.png "
+        "and its training curves into curves.csv/.png.",
     )
     parser.add_argument("multirun_dir", type=Path, help="the sweep directory (holds multirun.yaml)")
     parser.add_argument(
@@ -419,11 +442,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         "--wandb", default="disabled", choices=WANDB_MODES, help="log the table to W&B"
     )
     parser.add_argument("--wandb-project", default="asd3d", help="W&B project")
+    parser.add_argument(
+        "--curve-x",
+        default="steps",
+        choices=CURVE_X,
+        help="x axis of curves.png: optimisation steps, or wall-clock minutes since the job "
+        "started (from the times of the run's validation render files)",
+    )
     args = parser.parse_args(argv)
     with user_errors():
         if not args.multirun_dir.is_dir():
             raise FileNotFoundError(f"multirun directory {args.multirun_dir} does not exist")
-        summary = collect(args.multirun_dir, args.source)
+        summary = collect(args.multirun_dir, args.source, args.curve_x)
         paths = write_summary(summary, args.out or args.multirun_dir)
         log_to_wandb(summary, paths, args.wandb, args.wandb_project)
     print(_markdown(summary), end="")

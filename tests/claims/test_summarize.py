@@ -6,6 +6,8 @@
 * The summariser reads a real tiny ``train.py -m experiment=claims/tab4`` sweep (2 jobs, 3 steps
   each): sweep values from Hydra's own job overrides, metrics from the final validation or from
   ``evaluate.py``'s ``eval/metrics.json``; failed and unfinished jobs are listed as missing.
+* Its training curves (curves.csv / curves.png) hold exactly each run's validation rows, against
+  steps or against the wall minutes of the runs' validation render files.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 from asd3d.build import build_system, compose_train_config
+from asd3d.claims.charts import PALETTE, nice_ticks, tick_label
+from asd3d.claims.curves import Curve, draw_curves, read_curve
 from asd3d.claims.summarize import collect, expected_jobs, main, parse_overrides
 
 from cli_helpers import run_entry
@@ -26,8 +30,11 @@ from conftest import TINY
 DISTILLERS = ["sds", "csd", "vsd", "asd"]
 CORPUS_SIZES = ["16", "256", "10000"]
 
-# The conftest's tiny quickstart settings, on the claims' shared setting instead.
-TINY_CLAIMS = [o for o in TINY if not o.startswith("experiment=")]
+# The conftest's tiny quickstart settings, on the claims' shared setting instead, validating
+# after every step (three points per training curve) and logging training rows every step too.
+TINY_CLAIMS = [
+    o for o in TINY if not o.startswith(("experiment=", "trainer.val_check_interval="))
+] + ["trainer.val_check_interval=1", "trainer.log_every_n_steps=1"]
 # Two jobs of the Tab. 4 sweep: the command line replaces the experiment's own sweep lists.
 TINY_SWEEP = ["distiller.eta=0,0.2", "distiller.shift_mode=random"]
 
@@ -157,7 +164,7 @@ def test_rows_carry_each_jobs_own_overrides_and_final_validation(sweep):
 
 def test_writes_csv_markdown_and_chart(sweep_copy, capsys):
     paths = main([str(sweep_copy)])
-    assert set(paths) == {"csv", "md", "png"}
+    assert set(paths) == {"csv", "md", "png", "curves_csv", "curves_png"}
     markdown = paths["md"].read_text()
     assert (
         "| distiller.eta | R@1 | PSNR (dB) | IoU | steps | visits/prompt | train min | job |"
@@ -235,3 +242,129 @@ def test_logs_the_table_to_wandb_offline(sweep_copy, monkeypatch):
     main([str(sweep_copy), "--wandb", "offline"])
     runs = list((sweep_copy / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    images = runs[0] / "files" / "media" / "images" / "summary"
+    assert any(images.glob("chart_*.png")) and any(images.glob("curves_*.png"))
+
+
+# ---------------------------------------------------------------------------------- curves
+def _validation_rows(run_dir: Path) -> tuple[list[dict[str, str]], int]:
+    """The run's validation rows in metrics.csv, and how many training rows it has besides."""
+    with (run_dir / "csv" / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    validation = [r for r in rows if r["val/psnr"]]
+    return validation, len(rows) - len(validation)
+
+
+def _colour_pixels(image, colour: tuple[int, int, int], box: tuple[int, int, int, int]) -> int:
+    return sum(1 for pixel in image.crop(box).getdata() if pixel == colour)
+
+
+def test_curves_hold_each_runs_validation_rows(sweep_copy):
+    from PIL import Image
+
+    paths = main([str(sweep_copy)])
+    with paths["curves_csv"].open() as handle:
+        written = list(csv.DictReader(handle))
+    expected = []
+    for job, label in ((0, "distiller.eta=0"), (1, "distiller.eta=0.2")):
+        validation, training = _validation_rows(sweep_copy / str(job))
+        assert len(validation) == 3 and training > 0  # one per step; training rows left out
+        for row in validation:
+            for metric in ("oracle_r1", "psnr", "mask_iou"):
+                value = float(row[f"val/{metric}"])
+                expected.append((str(job), label, str(int(row["step"]) + 1), metric, value))
+    got = [(r["job"], r["label"], r["step"], r["metric"], float(r["value"])) for r in written]
+    assert got == expected
+    assert {r["step"] for r in written} == {"1", "2", "3"} and not any(
+        r["minutes"] for r in written
+    )
+    with Image.open(paths["curves_png"]) as image:
+        image = image.convert("RGB")
+        assert image.size == (3 * 300, 230 + 2 * 16 + 10)  # 3 panels; legend: 2 runs
+        assert image.getextrema() != ((255, 255), (255, 255), (255, 255))  # not blank
+        for run in range(2):
+            assert _colour_pixels(image, PALETTE[run], (0, 0, *image.size)) > 20
+
+
+def test_curve_panels_draw_every_run_in_its_colour(tmp_path):
+    """Three runs with different values: each one's line and markers inside the three panels."""
+    curves = [
+        Curve(
+            job=j,
+            label=f"distiller.eta={j / 10}",
+            steps=[250, 500, 750, 1000],
+            minutes=None,
+            values={
+                "oracle_r1": [0.1 * j, 0.2 + 0.1 * j, 0.5, 0.6 - 0.1 * j],
+                "psnr": [10.0 + j, 14.0 + j, 18.0, 20.0 - j],
+                "mask_iou": [0.2 * j, 0.3, 0.4 + 0.1 * j, 0.8],
+            },
+        )
+        for j in range(3)
+    ]
+    path = tmp_path / "curves.png"
+    draw_curves(curves, path)
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        assert image.size == (900, 230 + 3 * 16 + 10)
+        for panel in range(3):
+            box = (panel * 300, 0, (panel + 1) * 300, 230)  # the panel, not the legend
+            for run in range(3):
+                assert _colour_pixels(image, PALETTE[run], box) > 30, (panel, run)
+
+
+def test_minutes_axis_uses_the_validation_render_times(sweep_copy):
+    main([str(sweep_copy), "--curve-x", "minutes"])
+    with (sweep_copy / "curves.csv").open() as handle:
+        written = list(csv.DictReader(handle))
+    for job in ("0", "1"):
+        run = sweep_copy / job
+        start = (run / ".hydra" / "config.yaml").stat().st_mtime
+        for row in (r for r in written if r["job"] == job):
+            render = run / "images" / f"val_renders_{int(row['step']):06d}.png"
+            expected = (render.stat().st_mtime - start) / 60.0
+            assert float(row["minutes"]) == pytest.approx(expected)
+        minutes = [
+            float(r["minutes"]) for r in written if r["job"] == job and r["metric"] == "psnr"
+        ]
+        assert minutes == sorted(minutes) and 0.0 < minutes[0] < minutes[-1] < 5.0
+    (sweep_copy / "1" / "images" / "val_renders_000002.png").unlink()
+    main([str(sweep_copy), "--curve-x", "minutes"])
+    text = (sweep_copy / "summary.md").read_text()
+    assert "job 1 (distiller.eta=0.2): no training curve: no images/val_renders_000002.png" in text
+    with (sweep_copy / "curves.csv").open() as handle:
+        assert {r["job"] for r in csv.DictReader(handle)} == {"0"}
+
+
+def test_a_run_without_validation_rows_is_reported(sweep_copy):
+    metrics = sweep_copy / "1" / "csv" / "metrics.csv"
+    lines = metrics.read_text().splitlines()
+    psnr = lines[0].split(",").index("val/psnr")
+    training = [line for line in lines[1:] if not line.split(",")[psnr]]
+    metrics.write_text("\n".join([lines[0], *training]) + "\n")
+    assert read_curve(1, "eta", sweep_copy / "1") == (
+        None,
+        "no validation rows (val/psnr) in csv/metrics.csv",
+    )
+    main([str(sweep_copy)])
+    text = (sweep_copy / "summary.md").read_text()
+    assert "## Missing (1)" in text and "job 1 (distiller.eta=0.2): no validation metrics" in text
+    with (sweep_copy / "curves.csv").open() as handle:
+        assert {r["job"] for r in csv.DictReader(handle)} == {"0"}
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "labels"),
+    [
+        (0.0, 1.0, ["0.00", "0.25", "0.50", "0.75", "1.00"]),
+        (0.0, 1000.0, ["0", "250", "500", "750", "1000"]),
+        (10.3, 29.1, ["10", "15", "20", "25", "30"]),
+        (0.0, 0.0597, ["0.00", "0.02", "0.04", "0.06"]),
+    ],
+)
+def test_axis_ticks_are_round_and_cover_the_range(low, high, labels):
+    ticks = nice_ticks(low, high)
+    assert ticks[0] <= low and ticks[-1] >= high
+    assert [tick_label(t, ticks) for t in ticks] == labels
