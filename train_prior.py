@@ -3,7 +3,7 @@
 python train_prior.py                                  # the committed weights/miniature recipe
 python train_prior.py export_dir=weights/miniature     # write the diffusers directory there
 python train_prior.py ckpt_path=<run>/checkpoints/last.ckpt   # resume an interrupted run
-python train_prior.py evaluate_only=weights/miniature  # only measure an exported prior
+python train_prior.py evaluate_only=weights/miniature  # only measure an exported prior (into the run dir)
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def main(cfg: DictConfig) -> float:
 
     with user_errors():
         if cfg.evaluate_only:
-            result = evaluate_pretrained(Path(cfg.evaluate_only), cfg)
+            # Into this run's directory: the weights keep the record of their own training.
+            result = evaluate_pretrained(Path(cfg.evaluate_only), cfg, cfg.paths.output_dir)
         else:
             result = run_prior_training(cfg)
     print(f"sample accuracy {result['sample_accuracy']:.4f} ({result['num_samples']} samples)")

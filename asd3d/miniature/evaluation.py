@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from jaxtyping import Float, Int
 from omegaconf import DictConfig
 from torch import Tensor
+from tqdm import tqdm
 
 from asd3d.distiller.math import classifier_free_guidance
 from asd3d.evaluation.media import enlarge, image_grid, save_png
@@ -101,7 +102,8 @@ def sample_grid(
     size = prior.encode_images(torch.zeros(1, 3, 1, 1)).shape[-1]
     noise = torch.randn(len(flat_texts), 3, size, size, generator=generator)
     samples = []
-    for start in range(0, len(flat_texts), batch_size):
+    batches = range(0, len(flat_texts), batch_size)
+    for start in tqdm(batches, desc=f"DDIM sampling (CFG {guidance_scale:g})", unit="batch"):
         rows = torch.arange(start, min(start + batch_size, len(flat_texts)))
         texts = tuple(flat_texts[i] for i in rows.tolist())
         pair = prior.condition(
@@ -123,15 +125,18 @@ def score_samples(
     return named, quality
 
 
-def evaluate_pretrained(pretrained: str | Path, cfg: DictConfig) -> dict:
+def evaluate_pretrained(
+    pretrained: str | Path, cfg: DictConfig, out: str | Path | None = None
+) -> dict:
     """Load ``pretrained`` as ``prior=miniature`` and measure its sample accuracy.
 
     Writes ``evaluation.json`` and ``samples.png`` (each prompt a row; per camera its sample,
-    then the ground truth) into ``pretrained``.
+    then the ground truth) and the e(t) curve into ``out`` (default: ``pretrained``).
     """
     from asd3d.prior.miniature import MiniaturePrior
 
-    out = Path(pretrained)
+    out = Path(pretrained if out is None else out)
+    out.mkdir(parents=True, exist_ok=True)
     evaluation = cfg.evaluation
     prior = MiniaturePrior(str(pretrained), text_dim=int(cfg.text_encoder.dim))
     corpus = instantiate(cfg.corpus)

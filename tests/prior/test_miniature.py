@@ -260,3 +260,23 @@ def test_guidance_overshoot_clipped_away_does_not_darken_the_next_step():
     assert torch.allclose(ddim_step(x_t, guided_eps, a_t, a_s), white_at_s, atol=1e-5)
     darkened = ddim_step(x_t, guided_eps, a_t, a_s, eps_from_clipped_x0=False)
     assert (darkened < white_at_s - 0.05).all()
+
+
+def test_evaluate_only_writes_into_its_run_directory_not_over_the_weights(trained, tmp_path):
+    """Re-measuring committed weights at other settings must not replace their own record."""
+    cfg, _ = trained
+    export = Path(cfg.export_dir)
+    before = (export / "evaluation.json").read_text()
+    run = tmp_path / "remeasure"
+    result = run_entry(
+        "train_prior.py",
+        *TINY_PRIOR,
+        f"evaluate_only={export}",
+        "evaluation.guidance_scale=3",
+        "evaluation.error_curve_points=0",
+        f"hydra.run.dir={run}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (export / "evaluation.json").read_text() == before
+    assert '"guidance_scale": 3.0' in (run / "evaluation.json").read_text()
+    assert (run / "samples.png").is_file()
