@@ -8,6 +8,7 @@ a checkpoint, never wrapped by DDP, and moved to the device by hand.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,9 @@ class DistillationSystem(pl.LightningModule):
         regularisers: sparsity / opaqueness / eikonal terms with scheduled weights.
         optimizer: a partial optimizer; finished here with one parameter group per part.
         lr_generator, lr_renderer: learning rates of the generator and the renderer's background.
+        lr_final_ratio: both decay along a half cosine to this fraction of themselves at
+            ``max_steps`` (1: constant, the release's setting; the distiller's own groups, e.g.
+            VSD's LoRA, always keep theirs).
         render_resolution: side of the training renders, or milestones
             ``{fraction of max_steps: side}`` (:func:`resolution_at`).
         prompts_per_step: prompts per step per process (the views per prompt come from the sampler).
@@ -94,8 +98,14 @@ class DistillationSystem(pl.LightningModule):
         seed: int = 0,
         num_workers: int = 0,
         run_config: dict[str, Any] | None = None,
+        lr_final_ratio: float = 1.0,
     ) -> None:
         super().__init__()
+        if not 0.0 < lr_final_ratio <= 1.0:
+            raise ValueError(
+                f"system.lr_final_ratio={lr_final_ratio} must be in (0, 1] (1: constant rates)"
+            )
+        self.lr_final_ratio = float(lr_final_ratio)
         self.corpus = corpus
         self.generator = generator
         self.renderer = renderer
@@ -234,7 +244,7 @@ class DistillationSystem(pl.LightningModule):
         if norms:
             self.log("train/grad_norm_generator", torch.stack(norms).norm(), batch_size=1)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         groups = [
             {
                 "params": [p for p in self.generator.parameters() if p.requires_grad],
@@ -245,8 +255,24 @@ class DistillationSystem(pl.LightningModule):
         renderer_params = [p for p in self.renderer.parameters() if p.requires_grad]
         if renderer_params:
             groups.append({"params": renderer_params, "lr": self.lr_renderer, "name": "renderer"})
+        decayed = len(groups)
         groups.extend(self.distiller.optimizer_groups())  # e.g. VSD's LoRA, with its own lr
-        return self.optimizer_factory(groups)
+        optimizer = self.optimizer_factory(groups)
+        if self.lr_final_ratio == 1.0:
+            return optimizer
+        factors = [self.lr_factor] * decayed + [lambda _: 1.0] * (len(groups) - decayed)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def lr_factor(self, step: int) -> float:
+        """Half-cosine decay from 1 at step 0 to ``lr_final_ratio`` at ``max_steps``."""
+        progress = min(step / max(self.max_steps, 1), 1.0)
+        return self.lr_final_ratio + (1.0 - self.lr_final_ratio) * 0.5 * (
+            1.0 + math.cos(math.pi * progress)
+        )
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
