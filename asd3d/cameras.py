@@ -270,3 +270,18 @@ def plucker_rays(
     origins, directions = pixel_rays(c2w, fovy, resolution, resolution)
     moments = torch.linalg.cross(origins, directions, dim=-1)
     return torch.cat([directions, moments], dim=-1).permute(0, 3, 1, 2).contiguous()
+
+
+def ray_points_nearest_origin(
+    c2w: Float[Tensor, "B 4 4"], fovy: Float[Tensor, "B"], resolution: int
+) -> Float[Tensor, "B 3 r r"]:
+    """Per-pixel world position where each camera ray passes closest to the origin,
+    ``o - (o . d) d`` (``= d x (o x d)``, the Plücker direction crossed with the moment), channel-first.
+
+    For a scene at the origin it is, to first order, the world point the pixel looks at: "this
+    pixel sees the +x side of the scene" is a threshold on one channel, where from the Plücker
+    coordinates alone a network would first have to learn a cross product.
+    """
+    origins, directions = pixel_rays(c2w, fovy, resolution, resolution)
+    along = (origins * directions).sum(dim=-1, keepdim=True)
+    return (origins - along * directions).permute(0, 3, 1, 2).contiguous()

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from asd3d.cameras import CameraSampler, camera_rays, look_at, orbit_cameras, plucker_rays
+from asd3d.cameras import (
+    CameraSampler,
+    camera_rays,
+    look_at,
+    orbit_cameras,
+    plucker_rays,
+    ray_points_nearest_origin,
+)
 from asd3d.types import Cameras
 
 SD = dict(
@@ -181,3 +188,21 @@ def test_plucker_rays_are_unit_directions_and_moments_whose_norm_is_the_distance
     origins, dirs = camera_rays(cameras, 5, 5)
     closest = origins - (origins * dirs).sum(-1, keepdim=True) * dirs
     assert torch.allclose(moments.norm(dim=1), closest.norm(dim=-1), atol=1e-5)
+
+
+def test_ray_points_nearest_origin_lie_on_their_rays_and_are_d_cross_the_moment():
+    cameras = CameraSampler([1.4, 1.8], [50, 70], [0, 45], [-180, 180]).sample(3)
+    points = ray_points_nearest_origin(cameras.c2w, cameras.fovy, 5)
+    assert points.shape == (3, 3, 5, 5)
+    rays = plucker_rays(cameras.c2w, cameras.fovy, 5)
+    directions, moments = rays[:, :3], rays[:, 3:]
+    # Perpendicular to its ray (the nearest point), on the ray, and equal to d x (o x d).
+    assert torch.allclose((points * directions).sum(dim=1), torch.zeros(3, 5, 5), atol=1e-5)
+    assert torch.allclose(points, torch.linalg.cross(directions, moments, dim=1), atol=1e-5)
+    origins, dirs = camera_rays(cameras, 5, 5)
+    offset = points.permute(0, 2, 3, 1) - origins  # along the ray, in front of the camera
+    along = (offset * dirs).sum(-1, keepdim=True)
+    assert (along > 0).all()
+    assert torch.allclose(offset, along * dirs, atol=1e-5)
+    # The centre pixel's ray passes through the origin the cameras look at.
+    assert torch.allclose(points[:, :, 2, 2], torch.zeros(3, 3), atol=1e-5)

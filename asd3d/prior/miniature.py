@@ -7,8 +7,10 @@ varies with ``t`` (paper Fig. 2), loaded through the same diffusers code path as
 its training resolution, no VAE), reads the world's procedural text encoder (same token states as
 ``prior=procedural``) through cross-attention, and takes the camera twice: like MVDream, the flattened
 4x4 camera-to-world matrix through an MLP added to the time embedding (diffusers'
-``class_embed_type="projection"``, together with a global text code, :func:`text_code`), and as
-per-pixel Plücker ray coordinates concatenated to the noisy image (:func:`unet_prediction`).
+``class_embed_type="projection"``, together with a global text code, :func:`text_code`; that
+embedding scales and shifts every ResNet block's features), and per pixel, as Plücker ray
+coordinates and the rays' points nearest the origin concatenated to the noisy image
+(:func:`camera_channels`, :func:`unet_prediction`).
 The unconditional branch is the empty prompt at the same camera.
 """
 
@@ -22,7 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from asd3d.cameras import plucker_rays
+from asd3d.cameras import plucker_rays, ray_points_nearest_origin
 from asd3d.prior.base import Prior, to_pixel_space
 from asd3d.prior.schedule import gather_abar
 from asd3d.prior.stable_diffusion import resolve_dtype, resolve_pretrained
@@ -37,8 +39,11 @@ CLASS_LABELS = (
     "end token state (the pooled text vector)] -> MLP added to the time embedding"
 )
 # The UNet's input channels: the noisy RGB image, then the camera's per-pixel Plücker rays.
-INPUT_CHANNELS = "[noisy RGB (3), Plücker ray direction (3), ray moment o x d (3)]"
-IMAGE_CHANNELS, RAY_CHANNELS = 3, 6
+INPUT_CHANNELS = (
+    "[noisy RGB (3), Plücker ray direction (3), ray moment o x d (3), "
+    "ray point nearest the origin (3)]"
+)
+IMAGE_CHANNELS, RAY_CHANNELS = 3, 9
 HOW_TO_PROVIDE = (
     "train one with `python train_prior.py` and set prior.pretrained=<its export_dir> "
     "(the default location is weights/miniature: `python train_prior.py export_dir=weights/miniature`)"
@@ -80,6 +85,18 @@ def unet_class_labels(
     return torch.cat([camera_codes, text_code(tokens, empty_tokens)], dim=-1)
 
 
+def camera_channels(
+    c2w: Float[Tensor, "N 4 4"], fovy: Float[Tensor, "N"], resolution: int
+) -> Float[Tensor, "N 9 r r"]:
+    """The per-pixel camera input (:data:`INPUT_CHANNELS` after the image): the Plücker ray
+    (:func:`asd3d.cameras.plucker_rays`) and the ray's point nearest the origin
+    (:func:`asd3d.cameras.ray_points_nearest_origin`)."""
+    return torch.cat(
+        [plucker_rays(c2w, fovy, resolution), ray_points_nearest_origin(c2w, fovy, resolution)],
+        dim=1,
+    )
+
+
 def unet_prediction(
     unet: torch.nn.Module,
     x_t: Float[Tensor, "N 3 r r"],
@@ -94,12 +111,12 @@ def unet_prediction(
     The camera enters twice. MVDream's global code (flattened ``c2w`` in the time embedding,
     :func:`unet_class_labels`) alone was not used by a 4,000-step run: its denoising loss with the
     cameras shuffled across the batch equalled the loss with the right ones to 0.1%, and its
-    samples were the same blob from every view. The per-pixel Plücker rays
-    (:func:`asd3d.cameras.plucker_rays`) tell each convolution where the scene's centre projects
-    and which side of it the pixel sees, which a small network picks up quickly.
+    samples were the same blob from every view. The per-pixel :func:`camera_channels` tell each
+    convolution where the scene's centre projects and which side of the scene its ray passes
+    (docs/miniature-prior.md: Plücker rays alone fixed the sizes, not the arrangement).
     """
     dtype = next(unet.parameters()).dtype
-    rays = plucker_rays(c2w.float(), fovy.float(), x_t.shape[-1])
+    rays = camera_channels(c2w.float(), fovy.float(), x_t.shape[-1])
     labels = unet_class_labels(tokens.float(), empty_tokens.float(), c2w.reshape(-1, 16).float())
     return unet(
         torch.cat([x_t.to(rays.dtype), rays], dim=1).to(dtype),

@@ -4,13 +4,14 @@ that ``prior=miniature`` loads through the same code path as SD."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from asd3d.build import build_parts
 from asd3d.cameras import CameraSampler
@@ -178,11 +179,12 @@ def test_v_prediction_is_returned_as_noise(trained, tmp_path):
 
 
 def test_the_unet_sees_the_camera_per_pixel(trained):
-    """The UNet's input is the noisy image plus the camera's Plücker rays: the same image seen
-    from another camera gets another prediction (the global camera code alone was ignored)."""
+    """The UNet's input is the noisy image plus the camera's per-pixel rays (Plücker coordinates
+    and the points nearest the origin): the same image seen from another camera gets another
+    prediction (the global camera code alone was ignored)."""
     cfg, _ = trained
     prior = MiniaturePrior(str(cfg.export_dir))
-    assert prior.unet.config.in_channels == 3 + 6
+    assert prior.unet.config.in_channels == 3 + 9
     cameras = CameraSampler([1.4, 1.8], [50, 70], [0, 45], [-180, 180]).sample(2)
     positive = prior.condition(PromptBatch(torch.arange(2), ("a", "a")), cameras).positive
     x_t, t = torch.randn(1, 3, 8, 8).expand(2, -1, -1, -1), torch.tensor([500, 500])
@@ -280,3 +282,31 @@ def test_evaluate_only_writes_into_its_run_directory_not_over_the_weights(traine
     assert (export / "evaluation.json").read_text() == before
     assert '"guidance_scale": 3.0' in (run / "evaluation.json").read_text()
     assert (run / "samples.png").is_file()
+
+
+def test_the_committed_prior_is_the_default_recipe_and_meets_its_target(tmp_path):
+    """weights/miniature came from `python train_prior.py` with today's defaults (so the command
+    reproduces it) and records a sample accuracy >= 0.95 at CFG 7.5 (issue 6); it loads."""
+    weights = REPO / "weights" / "miniature"
+    committed = OmegaConf.load(weights / "config.yaml")
+    defaults = compose_prior([], tmp_path / "run")
+    for section in (
+        "corpus",
+        "cameras",
+        "ground_truth",
+        "text_encoder",
+        "unet",
+        "schedule",
+        "train",
+    ):
+        ours = OmegaConf.to_container(defaults[section], resolve=True)
+        assert OmegaConf.to_container(committed[section]) == ours, section
+    for key in ("resolution", "views_per_prompt", "seed"):
+        assert committed.data[key] == defaults.data[key], key
+    assert committed.seed == defaults.seed
+    evaluation = json.loads((weights / "evaluation.json").read_text())
+    assert evaluation["guidance_scale"] == 7.5 and evaluation["num_samples"] == 128
+    assert evaluation["sample_accuracy"] >= 0.95
+    assert evaluation["error_curve"]["conditional_decreasing"]
+    prior = MiniaturePrior(str(weights))
+    assert prior.unet.config.in_channels == 12
