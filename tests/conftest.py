@@ -22,7 +22,7 @@ torch.set_flush_denormal(True)
 
 # A few seconds per step-based test: the quickstart world, smaller still.
 TINY = [
-    "experiment=quickstart",
+    "experiment=quickstart_exact",
     "logger=csv",
     "corpus.num_prompts=4",
     "corpus.num_test_prompts=4",

@@ -8,7 +8,7 @@ from asd3d.build import build_system
 from conftest import bare_trainer, compose_train
 
 FAST = [
-    "experiment=quickstart",
+    "experiment=quickstart_exact",
     "logger=csv",
     "corpus.num_prompts=4",
     "corpus.num_test_prompts=4",
@@ -45,7 +45,8 @@ def test_sds_learns_the_procedural_world(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_reaches_its_targets(tmp_path):
-    """The quickstart's promise (R@1 >= 0.95, PSNR >= 20 dB), on its full settings."""
+    """The quickstart's promise (ASD against the committed miniature prior: oracle R@1 >= 0.9,
+    PSNR >= 18 dB, issue 6), on its full settings. Measured (make quickstart): 0.95, 21.8 dB."""
     cfg = compose_train(
         ["experiment=quickstart", "logger=csv", "system.image_every_n_steps=0"], tmp_path / "run"
     )
@@ -56,5 +57,6 @@ def test_quickstart_reaches_its_targets(tmp_path):
         steps, limit_val_batches=None, check_val_every_n_epoch=None, val_check_interval=steps
     )
     trainer.fit(system)
-    assert float(trainer.callback_metrics["val/oracle_r1"]) >= 0.95
-    assert float(trainer.callback_metrics["val/psnr"]) >= 20.0
+    assert cfg.distiller._target_.endswith("ASDDistiller")
+    assert float(trainer.callback_metrics["val/oracle_r1"]) >= 0.9
+    assert float(trainer.callback_metrics["val/psnr"]) >= 18.0

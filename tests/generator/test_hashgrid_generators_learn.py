@@ -16,7 +16,7 @@ from generator_testing import generator_overrides
 
 PROMPTS = 8
 WORLD = [
-    "experiment=quickstart",
+    "experiment=quickstart_exact",
     "logger=csv",
     f"corpus.num_prompts={PROMPTS}",
     f"corpus.num_test_prompts={PROMPTS}",

@@ -352,7 +352,7 @@ def test_release_pooled_text_variant_is_refused():
 # The quickstart overlay carries 3DConv-net sizes in its `generator:` block, so a triplane run
 # states its own small settings instead of composing the quickstart.
 TRIPLANE_TINY_CLI = [
-    *(o for o in TINY if o != "experiment=quickstart"),
+    *(o for o in TINY if o != "experiment=quickstart_exact"),
     "distiller=sds",
     "trainer=cpu",
     "generator=triplane",
@@ -393,7 +393,7 @@ LEARNING_GENERATOR = dict(
     sphere_bias_radius=0.5,
 )
 LEARNING = [
-    "experiment=quickstart",
+    "experiment=quickstart_exact",
     "logger=csv",
     "corpus.num_prompts=8",
     "corpus.num_test_prompts=8",
