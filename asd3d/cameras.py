@@ -272,16 +272,12 @@ def plucker_rays(
     return torch.cat([directions, moments], dim=-1).permute(0, 3, 1, 2).contiguous()
 
 
-def ray_points_nearest_origin(
-    c2w: Float[Tensor, "B 4 4"], fovy: Float[Tensor, "B"], resolution: int
-) -> Float[Tensor, "B 3 r r"]:
+def ray_points_nearest_origin(rays: Float[Tensor, "B 6 r r"]) -> Float[Tensor, "B 3 r r"]:
     """Per-pixel world position where each camera ray passes closest to the origin,
-    ``o - (o . d) d`` (``= d x (o x d)``, the Plücker direction crossed with the moment), channel-first.
+    ``o - (o . d) d = d x (o x d)``, from the channel-first Plücker rays of :func:`plucker_rays`.
 
     For a scene at the origin it is, to first order, the world point the pixel looks at: "this
     pixel sees the +x side of the scene" is a threshold on one channel, where from the Plücker
-    coordinates alone a network would first have to learn a cross product.
+    coordinates alone a network would first have to learn this cross product.
     """
-    origins, directions = pixel_rays(c2w, fovy, resolution, resolution)
-    along = (origins * directions).sum(dim=-1, keepdim=True)
-    return (origins - along * directions).permute(0, 3, 1, 2).contiguous()
+    return torch.linalg.cross(rays[:, :3], rays[:, 3:], dim=1)

@@ -7,7 +7,17 @@ paper-length runs, resumed runs).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate factor at optimizer step ``step``: linear warm-up over ``warmup`` steps, then
+    a half cosine from 1 to ``min_ratio`` at ``total`` (``min_ratio`` afterwards)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _check_fraction(name: str, value: float) -> None:

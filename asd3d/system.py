@@ -8,7 +8,6 @@ a checkpoint, never wrapped by DDP, and moved to the device by hand.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from asd3d.generator.base import Generator
 from asd3d.prior.base import Prior
 from asd3d.regularisers import Regularisers
 from asd3d.renderer.base import VolumeRenderer
+from asd3d.schedules import warmup_cosine
 from asd3d.types import PromptBatch
 
 #: A render side, or milestones ``{fraction of max_steps: side}`` (e.g. ``{0: 64, 0.4: 256}``,
@@ -269,10 +269,7 @@ class DistillationSystem(pl.LightningModule):
 
     def lr_factor(self, step: int) -> float:
         """Half-cosine decay from 1 at step 0 to ``lr_final_ratio`` at ``max_steps``."""
-        progress = min(step / max(self.max_steps, 1), 1.0)
-        return self.lr_final_ratio + (1.0 - self.lr_final_ratio) * 0.5 * (
-            1.0 + math.cos(math.pi * progress)
-        )
+        return warmup_cosine(step, 0, self.max_steps, self.lr_final_ratio)
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:

@@ -192,9 +192,9 @@ def test_plucker_rays_are_unit_directions_and_moments_whose_norm_is_the_distance
 
 def test_ray_points_nearest_origin_lie_on_their_rays_and_are_d_cross_the_moment():
     cameras = CameraSampler([1.4, 1.8], [50, 70], [0, 45], [-180, 180]).sample(3)
-    points = ray_points_nearest_origin(cameras.c2w, cameras.fovy, 5)
-    assert points.shape == (3, 3, 5, 5)
     rays = plucker_rays(cameras.c2w, cameras.fovy, 5)
+    points = ray_points_nearest_origin(rays)
+    assert points.shape == (3, 3, 5, 5)
     directions, moments = rays[:, :3], rays[:, 3:]
     # Perpendicular to its ray (the nearest point), on the ray, and equal to d x (o x d).
     assert torch.allclose((points * directions).sum(dim=1), torch.zeros(3, 5, 5), atol=1e-5)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -30,6 +29,7 @@ from asd3d.io import CONFIG_KEY, atomic_torch_save, atomic_write_text, load_chec
 from asd3d.miniature.dataset import RenderDataset, load_or_render
 from asd3d.prior.miniature import CLASS_LABELS, INPUT_CHANNELS, METADATA_FILE, unet_prediction
 from asd3d.prior.schedule import ddpm_alphas_cumprod, gather_abar
+from asd3d.schedules import warmup_cosine
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -59,14 +59,6 @@ def dataset_from_config(cfg: DictConfig) -> RenderDataset:
         int(cfg.data.seed),
         settings,
     )
-
-
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine to ``min_ratio``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def diffusion_loss(

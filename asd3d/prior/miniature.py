@@ -91,10 +91,8 @@ def camera_channels(
     """The per-pixel camera input (:data:`INPUT_CHANNELS` after the image): the Plücker ray
     (:func:`asd3d.cameras.plucker_rays`) and the ray's point nearest the origin
     (:func:`asd3d.cameras.ray_points_nearest_origin`)."""
-    return torch.cat(
-        [plucker_rays(c2w, fovy, resolution), ray_points_nearest_origin(c2w, fovy, resolution)],
-        dim=1,
-    )
+    rays = plucker_rays(c2w, fovy, resolution)
+    return torch.cat([rays, ray_points_nearest_origin(rays)], dim=1)
 
 
 def unet_prediction(
