@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create or refresh the virtualenv (.venv) with asd3d and its dev tools
 
-quickstart: $(STAMP) ## train the quickstart (ASD, learned miniature prior, CPU, ~20 min), evaluate it, print where results are
+quickstart: $(STAMP) ## train the quickstart (ASD, learned miniature prior, CPU, ~15 min), evaluate it, print where results are
 	$(PY) train.py experiment=quickstart hydra.run.dir=$(RUN_DIR)
 	$(PY) evaluate.py ckpt=$(RUN_DIR)/checkpoints/last.ckpt
 	@echo "Results: $(RUN_DIR)/eval  (index.html gallery, contact_sheet.png, turntables/, metrics.json); training curves: $(RUN_DIR)/csv/metrics.csv"

@@ -1,7 +1,7 @@
 """Train a text-to-3D generator by score distillation.
 
 python train.py                                   # defaults: procedural world, 3DConv, ASD
-python train.py experiment=quickstart             # ASD vs the learned miniature prior, ~20 min on a laptop CPU
+python train.py experiment=quickstart             # ASD vs the learned miniature prior, ~15 min on a laptop CPU
 python train.py generator=3dconv prior=mvdream corpus=dl17k
 python train.py -m distiller.eta=0,0.1,0.2        # a sweep
 """
