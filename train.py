@@ -4,14 +4,17 @@ python train.py                                   # defaults: procedural world, 
 python train.py experiment=quickstart             # ASD vs the learned miniature prior, ~15 min on a laptop CPU
 python train.py generator=3dconv prior=mvdream corpus=dl17k
 python train.py -m distiller.eta=0,0.1,0.2        # a sweep
+python train.py ckpt_path=outputs/train/runs/<time>/checkpoints/last.ckpt   # resume that run
 """
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from asd3d.cli import restore_ddp_job_argv
+from asd3d.cli import restore_ddp_job_argv, user_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -23,4 +26,9 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     restore_ddp_job_argv()
+    with user_errors():
+        from asd3d.checkpoint import resume_argv
+
+        # ckpt_path=...: compose the checkpoint's own run (its recipe), the user's overrides on top.
+        sys.argv = [sys.argv[0], *resume_argv(sys.argv[1:])]
     main()

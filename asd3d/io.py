@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 import secrets
 import warnings
 from collections.abc import Iterator
@@ -28,20 +29,30 @@ import torch
 
 __all__ = [
     "CONFIG_KEY",
+    "RECIPE_KEY",
     "CheckpointError",
     "atomic_path",
     "atomic_torch_save",
     "atomic_write_bytes",
     "atomic_write_text",
     "load_checkpoint",
+    "remove_stale_temporaries",
 ]
 
-#: Key under which train.py stores the resolved config (a plain dict) in every checkpoint.
+#: Key under which train.py stores the resolved config (a plain dict) in every checkpoint. It is a
+#: record for people and dashboards; nothing is ever built from it (see :data:`RECIPE_KEY`).
 CONFIG_KEY = "asd3d_config"
+#: Key of the run's recipe: the Hydra group choices and command-line overrides it was composed
+#: from, its run directory's W&B id. Resuming and evaluating rebuild the run by composing the
+#: project's own ``conf/`` with it (:mod:`asd3d.checkpoint`).
+RECIPE_KEY = "asd3d_run"
 
 
 class CheckpointError(ValueError):
     """A checkpoint could not be used; the message is one line naming the path and the problem."""
+
+
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp(\.[^.]+)?$")
 
 
 def _temp_name(path: Path) -> Path:
@@ -89,6 +100,22 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files a killed writer left in ``directory`` (``.last.<hex>.tmp.ckpt``).
+
+    Only names of the exact form :func:`atomic_path` creates are touched. Call it when no writer
+    of this run is active (at the start of training). Returns the removed paths.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.iterdir() if p.is_file() and _TEMP_NAME.match(p.name)]
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return stale
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

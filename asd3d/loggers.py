@@ -59,12 +59,14 @@ def wandb_logger(
     name: str | None = None,
     group: str | None = None,
     tags: list[str] | None = None,
+    id: str | None = None,
 ) -> WandbLogger | None:
     """Build a :class:`WandbLogger`; ``mode=auto`` logs online only when logged in.
 
     Offline runs land in ``<save_dir>/wandb/offline-run-*``; upload them with ``wandb sync``.
     ``WANDB_MODE`` is set in the environment (not only passed), otherwise wandb's analytics
-    thread still tries the network at exit (STACK.md).
+    thread still tries the network at exit (STACK.md). ``id``: the run's W&B id (``train.py``
+    sets it; a resumed run passes its checkpoint's, and W&B continues that run).
     """
     if mode not in MODES:
         raise ValueError(f"logger.wandb.mode={mode!r} is unknown; use one of {', '.join(MODES)}")
@@ -82,6 +84,8 @@ def wandb_logger(
         group=group or default_group,
         tags=list(dict.fromkeys([*default_tags, *(tags or [])])),
         offline=mode == "offline",
+        id=id,
+        resume="allow" if id else None,
     )
     if mode == "offline":
         print(

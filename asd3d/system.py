@@ -25,6 +25,7 @@ from asd3d.evaluation.media import enlarge, image_grid, save_png
 from asd3d.evaluation.oracle import OracleMetrics
 from asd3d.evaluation.procedural import ProceduralOracle
 from asd3d.generator.base import Generator
+from asd3d.io import CONFIG_KEY, RECIPE_KEY
 from asd3d.prior.base import Prior
 from asd3d.regularisers import Regularisers
 from asd3d.renderer.base import VolumeRenderer
@@ -130,6 +131,9 @@ class DistillationSystem(pl.LightningModule):
         self.seed = seed
         self.num_workers = num_workers
         self.run_config = run_config or {}
+        self.run_recipe: dict[
+            str, Any
+        ] = {}  # set by train.py: what rebuilds the run (asd3d.checkpoint)
         self.val_metrics = OracleMetrics()
         self._rng: torch.Generator | None = None
 
@@ -338,5 +342,18 @@ class DistillationSystem(pl.LightningModule):
                 )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The resolved config travels with the weights: evaluate.py needs only the checkpoint.
-        checkpoint["asd3d_config"] = self.run_config
+        # The recipe travels with the weights: evaluate.py and resuming need only the checkpoint.
+        # The resolved config is a record for people; nothing is built from it.
+        checkpoint[RECIPE_KEY] = self.run_recipe
+        checkpoint[CONFIG_KEY] = self.run_config
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str | Path, map_location: Any = None, overrides: tuple[str, ...] = ()
+    ) -> DistillationSystem:
+        """The system of a ``train.py`` checkpoint, rebuilt from the project's ``conf/`` with the
+        checkpoint's recipe (group choices and overrides; ``overrides`` on top) -- never from a
+        config stored in the file (:mod:`asd3d.checkpoint`)."""
+        from asd3d.checkpoint import load_trained_system
+
+        return load_trained_system(checkpoint_path, overrides, map_location)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from asd3d.build import build_system
+from asd3d.callbacks import TrainingStopped
+from asd3d.checkpoint import RunRecipe, check_loadable_state, new_wandb_id
 from asd3d.cli import remember_ddp_job_argv, user_errors
-from asd3d.io import load_checkpoint
+from asd3d.io import CheckpointError, load_checkpoint
+from asd3d.schema import validate_train_config
 
 
 def instantiate_all(node: DictConfig | None) -> list:
@@ -24,16 +28,32 @@ def instantiate_all(node: DictConfig | None) -> list:
 
 
 def run_training(cfg: DictConfig) -> float | None:
-    """Fit the configured system; returns the final oracle R@1 when the corpus has an oracle."""
+    """Fit the configured system; returns the final oracle R@1 when the corpus has an oracle.
+
+    A resumed run (``ckpt_path``) continues the checkpoint's W&B run; its config was already
+    rebuilt from the checkpoint's recipe by ``train.py`` (:func:`asd3d.checkpoint.resume_argv`).
+    """
     # Empty space in a volume renders to denormal floats that slow CPU steps several-fold.
     torch.set_flush_denormal(True)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     with user_errors(output_dir):
+        validate_train_config(cfg)
+        wandb_id = new_wandb_id()
         if cfg.ckpt_path is not None:
-            load_checkpoint(Path(cfg.ckpt_path))  # fail early, with one line, on a bad file
+            where = f"checkpoint {cfg.ckpt_path}"
+            resumed = load_checkpoint(Path(cfg.ckpt_path))  # fail early, with one line
+            wandb_id = RunRecipe.from_checkpoint(resumed, where).wandb_id or wandb_id
+        recipe = RunRecipe.of_this_run(wandb_id)
+        if cfg.get("logger") and "wandb" in cfg.logger:
+            with open_dict(cfg):
+                cfg.logger.wandb.id = wandb_id  # a resumed run continues its W&B run
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         run_config: dict = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
         system = build_system(cfg, run_config)
+        system.run_recipe = recipe.as_dict()
+        if cfg.ckpt_path is not None:
+            check_loadable_state(system, resumed["state_dict"], where)
+            del resumed
         loggers = instantiate_all(cfg.get("logger"))
         callbacks = instantiate_all(cfg.get("callbacks"))
         trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
@@ -42,12 +62,18 @@ def run_training(cfg: DictConfig) -> float | None:
             # (distiller.eta, generator, ...); the CSV logger writes it to hparams.yaml.
             logger.log_hyperparams(run_config)
     remember_ddp_job_argv()
-    trainer.fit(system, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(system, ckpt_path=cfg.ckpt_path)
+    except (TrainingStopped, CheckpointError) as stop:
+        prefix = stop.prefix if isinstance(stop, TrainingStopped) else "error"
+        print(f"{prefix}: {' '.join(str(stop).split())}", file=sys.stderr, flush=True)
+        raise SystemExit(stop.exit_code if isinstance(stop, TrainingStopped) else 1) from None
     if trainer.is_global_zero:
         print(f"Run directory: {output_dir}")
         last = output_dir / "checkpoints" / "last.ckpt"
         if last.exists():
-            print(f"Checkpoint:    {last}")
+            print(f"Checkpoint:    {last} (step {trainer.global_step})")
             print(f"Evaluate with: python evaluate.py ckpt={last}")
+            print(f"Resume with:   python train.py ckpt_path={last}")
     r1 = trainer.callback_metrics.get("val/oracle_r1")
     return float(r1) if r1 is not None else None

@@ -34,8 +34,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from asd3d.build import Parts, as_config, build_parts, resolve_device
+from asd3d.build import Parts, build_parts, resolve_device
 from asd3d.cameras import orbit_cameras
+from asd3d.checkpoint import RunRecipe, check_loadable_state, compose_run_config
 from asd3d.cli import remember_ddp_job_argv, user_errors
 from asd3d.evaluation.clip import ClipMetrics, ClipScorer
 from asd3d.evaluation.gallery import write_gallery, write_mesh_asset
@@ -65,18 +66,20 @@ def _slug(text: str, limit: int = 60) -> str:
 
 
 def load_trained_parts(
-    checkpoint: dict[str, Any], device: torch.device
+    checkpoint: dict[str, Any], device: torch.device, where: str = "checkpoint"
 ) -> tuple[DictConfig, Parts]:
-    """Rebuild the run's parts from the config stored in the checkpoint and load their weights."""
-    cfg = as_config(checkpoint["asd3d_config"])
+    """Rebuild the run's parts from the project's ``conf/`` and the checkpoint's recipe (never
+    from a config stored in the file: :mod:`asd3d.checkpoint`) and load their weights."""
+    recipe = RunRecipe.from_checkpoint(checkpoint, where)
+    cfg = compose_run_config(recipe)
     parts = build_parts(cfg)
     state = checkpoint.get("state_dict", {})
     for name in ("generator", "renderer"):
         module = getattr(parts, name)
         prefix = f"{name}."
-        module.load_state_dict(
-            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        )
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        check_loadable_state(module, own, where)
+        module.load_state_dict(own)
         module.to(device).eval()
     parts.prior.to(device)
     return cfg, parts
@@ -344,11 +347,12 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         _check_options(cfg)
         ckpt_path = Path(cfg.ckpt)
         checkpoint = load_checkpoint(ckpt_path)
+        RunRecipe.from_checkpoint(checkpoint, f"checkpoint {ckpt_path}")  # refuse before launching
         fabric = _make_fabric(cfg)
     remember_ddp_job_argv("evaluate_ddp")
     fabric.launch()
     rank, world = fabric.global_rank, fabric.world_size
-    with user_errors():
+    with user_errors(hydra_dir):
         ctx, count = _prepare(cfg, checkpoint, ckpt_path, fabric.device)
     shard = range(rank, count, world)
     done = 0
@@ -378,10 +382,16 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
 def _prepare(
     cfg: DictConfig, checkpoint: dict[str, Any], ckpt_path: Path, device: torch.device
 ) -> tuple[_Context, int]:
-    run_cfg, parts = load_trained_parts(checkpoint, device)
+    run_cfg, parts = load_trained_parts(checkpoint, device, f"checkpoint {ckpt_path}")
     split = cfg.split
     size = parts.corpus.size(split)
     count = size if cfg.max_prompts is None else min(size, int(cfg.max_prompts))
+    if count == 0:
+        key, value = ("split", split) if size == 0 else ("max_prompts", cfg.max_prompts)
+        raise ValueError(
+            f"{key}={value}: allowed a value that leaves prompts to evaluate (the checkpoint's "
+            f"corpus has {size} {split!r} prompts)"
+        )
     orbit = run_cfg.system.validation
     resolution = int(cfg.resolution or orbit.resolution)
     cameras_cfg: dict[str, Any] = {
@@ -489,9 +499,11 @@ def run_mesh_export(cfg: DictConfig) -> dict[str, Path]:
         ckpt_path = Path(cfg.ckpt)
         checkpoint = load_checkpoint(ckpt_path)
         device = resolve_device(str(cfg.device))
-        _, parts = load_trained_parts(checkpoint, device)
+        run_cfg, parts = load_trained_parts(checkpoint, device, f"checkpoint {ckpt_path}")
         if cfg.prompt is not None:
             text, index = str(cfg.prompt), int(cfg.index)
+            if not text.strip():
+                raise ValueError(f"prompt={text!r}: allowed a non-empty prompt")
         else:
             index = int(cfg.index)
             size = parts.corpus.size(cfg.split)
@@ -504,7 +516,7 @@ def run_mesh_export(cfg: DictConfig) -> dict[str, Path]:
         field_kind = mesh_cfg.field_kind
         if field_kind == "auto":
             field_kind = field_kind_of(parts.renderer)
-        seed = int(checkpoint["asd3d_config"].get("seed", 0))
+        seed = int(run_cfg.seed)
         field = prompt_field(parts, text, index, seed, device)
         mesh = extract_mesh(
             field,
