@@ -236,6 +236,7 @@ class DistillOutput:
     timesteps: Int[Tensor, "B"]
     shifted_timesteps: Int[Tensor, "B"] | None = None
     aux_loss: Float[Tensor, ""] | None = None
+    prior_nonfinite: Int[Tensor, ""] | None = None  # NaN/inf elements of the update set to 0
 
     def metrics(self) -> dict[str, Tensor]:
         out = {
@@ -246,4 +247,6 @@ class DistillOutput:
             out["dt"] = (self.shifted_timesteps - self.timesteps).float().mean()
         if self.aux_loss is not None:
             out["aux_loss"] = self.aux_loss
+        if self.prior_nonfinite is not None:
+            out["prior_nonfinite"] = self.prior_nonfinite.float()
         return out

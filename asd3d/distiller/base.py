@@ -132,9 +132,13 @@ class Distiller(nn.Module, abc.ABC):
         grad, t_shifted = self.gradient(
             z.detach(), t, eps, conditions, predict, alphas_cumprod, t_min, group_size, generator
         )
-        grad = math.sanitize_gradient(grad, self.grad_clip)
+        grad, prior_nonfinite = math.sanitize_gradient(grad, self.grad_clip)
         return DistillOutput(
-            loss=math.surrogate_loss(z, grad), grad=grad, timesteps=t, shifted_timesteps=t_shifted
+            loss=math.surrogate_loss(z, grad),
+            grad=grad,
+            timesteps=t,
+            shifted_timesteps=t_shifted,
+            prior_nonfinite=prior_nonfinite,
         )
 
     def weight(

@@ -9,10 +9,11 @@ surrogate ``0.5 ||z - stopgrad(z - grad)||^2 / B``, whose gradient w.r.t. ``z`` 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 WEIGHTINGS = ("sds", "uniform", "fantasia", "recon")
@@ -163,12 +164,25 @@ def asd_gradient(
 
 def sanitize_gradient(
     grad: Float[Tensor, "B C h w"], clip: float | None
-) -> Float[Tensor, "B C h w"]:
-    """``nan_to_num`` then an optional element-wise clamp to ``[-clip, clip]`` (as the release)."""
+) -> tuple[Float[Tensor, "B C h w"], Int[Tensor, ""]]:
+    """``nan_to_num`` then an optional element-wise clamp to ``[-clip, clip]`` (as the release).
+
+    Returns the sanitized update and the number of non-finite elements it replaced by 0. Those
+    come from the prior (a NaN/inf noise prediction): they are counted (the distillers log
+    ``train/prior_nonfinite``) and warned about rather than silently zeroed.
+    """
+    nonfinite = (~torch.isfinite(grad)).sum()
+    if nonfinite:
+        warnings.warn(
+            f"the prior's prediction held {int(nonfinite)} non-finite values in this update; "
+            "they were set to 0 (logged as train/prior_nonfinite)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
     if clip is not None:
         grad = grad.clamp(-clip, clip)
-    return grad
+    return grad, nonfinite
 
 
 def surrogate_loss(

@@ -60,11 +60,18 @@ def test_surrogate_loss_gradient_is_grad_over_batch():
     torch.testing.assert_close(z.grad, grad / 3)
 
 
-def test_sanitize_gradient():
+def test_sanitize_gradient_counts_and_warns_about_nonfinite_values():
     grad = torch.tensor([float("nan"), float("inf"), -5.0, 0.5])
-    torch.testing.assert_close(
-        math.sanitize_gradient(grad, clip=1.0), torch.tensor([0.0, 0.0, -1.0, 0.5])
-    )
+    with pytest.warns(RuntimeWarning, match="2 non-finite"):
+        sanitized, nonfinite = math.sanitize_gradient(grad, clip=1.0)
+    torch.testing.assert_close(sanitized, torch.tensor([0.0, 0.0, -1.0, 0.5]))
+    assert int(nonfinite) == 2
+
+
+def test_sanitize_gradient_is_silent_on_finite_values(recwarn):
+    sanitized, nonfinite = math.sanitize_gradient(torch.tensor([3.0, -0.5]), clip=None)
+    torch.testing.assert_close(sanitized, torch.tensor([3.0, -0.5]))
+    assert int(nonfinite) == 0 and not recwarn.list
 
 
 def test_timesteps_inclusive_and_grouped():
