@@ -1,4 +1,4 @@
-"""What the entry points share: user-facing errors, DDP-inside-multirun, output locations."""
+"""What the entry points share: user-facing errors, DDP-inside-multirun, checks before a run."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from hydra.errors import HydraException, InstantiationException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from asd3d.io import CheckpointError
@@ -84,3 +88,58 @@ def remember_ddp_job_argv(local_rank_suffix: str = "ddp") -> None:
         f"hydra.job.name={hydra_cfg.job.name}_{local_rank_suffix}",
     ]
     os.environ[_DDP_ARGV_ENV] = json.dumps(argv)
+
+
+def check_writable_directory(key: str, directory: Path) -> None:
+    """``directory`` exists and is writable, or can be created: else one line naming ``key``.
+
+    Probes with a real file (permission bits say nothing for root or read-only mounts).
+    """
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a directory")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ValueError(
+            f"{key}={directory}: allowed a writable directory ({existing}: {reason})"
+        ) from None
+
+
+class PreflightCallback(Callback):
+    """Hydra callback: check a run before Hydra creates its directory.
+
+    The output directory must be writable and, with ``validate_train=True``, every value must
+    pass :func:`asd3d.schema.validate_train_config`. A failure prints one line and exits 1 with
+    nothing created (``train.py`` checks again in each job of a ``-m`` sweep).
+    """
+
+    def __init__(self, validate_train: bool = False) -> None:
+        self.validate_train = validate_train
+
+    def _check(self, config: DictConfig, key: str) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)  # ${hydra:...} resolves as in the job
+        with user_errors():
+            check_writable_directory(key, Path(str(OmegaConf.select(config, key))))
+            if self.validate_train:
+                from asd3d.schema import validate_train_config
+
+                validate_train_config(config)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)
+        with user_errors():
+            check_writable_directory(
+                "hydra.sweep.dir", Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
+            )

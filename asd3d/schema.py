@@ -32,8 +32,10 @@ class ConfigValueError(ValueError):
 
 
 def _show(value: Any) -> str:
-    if isinstance(value, DictConfig):
-        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, DictConfig):  # a schedule: its numbers, not its class
+        value = {
+            k: v for k, v in OmegaConf.to_container(value, resolve=True).items() if k[0] != "_"
+        }
     return (
         repr(value)
         if isinstance(value, str) and value.strip() != value or value == ""
@@ -72,13 +74,14 @@ class Allowed:
             text = f"one of {', '.join(self.choices)}"
         else:
             kind = "an integer" if self.integer else "a number"
+            show = (lambda x: str(int(x))) if self.integer else (lambda x: f"{x:g}")
             if self.low is not None and self.high is not None:
                 left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-                text = f"{kind} in {left}{self.low:g}, {self.high:g}{right}"
+                text = f"{kind} in {left}{show(self.low)}, {show(self.high)}{right}"
             elif self.low is not None:
-                text = f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+                text = f"{kind} {'>' if self.low_open else '>='} {show(self.low)}"
             elif self.high is not None:
-                text = f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
+                text = f"{kind} {'<' if self.high_open else '<='} {show(self.high)}"
             else:
                 text = kind
         return f"{text} or null" if self.nullable else text
