@@ -495,7 +495,7 @@ def _write_summary(ctx: _Context, count: int, means: dict[str, float], resumed: 
 def run_mesh_export(cfg: DictConfig) -> dict[str, Path]:
     """The body of ``export_mesh.py``: one prompt's mesh in every configured format."""
     torch.set_flush_denormal(True)
-    with user_errors():
+    with user_errors(Path(HydraConfig.get().runtime.output_dir)):
         ckpt_path = Path(cfg.ckpt)
         checkpoint = load_checkpoint(ckpt_path)
         device = resolve_device(str(cfg.device))
