@@ -13,12 +13,17 @@ import pickle
 
 import pytest
 import torch
-from reliability_helpers import run_dir  # noqa: F401 -- fixture
+from reliability_helpers import trained_run
 
 from asd3d.checkpoint import RunRecipe, load_trained_system, resume_argv
 from asd3d.io import CONFIG_KEY, RECIPE_KEY, CheckpointError, load_checkpoint
 
 from cli_helpers import run_entry
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return trained_run(tmp_path_factory)
 
 
 class _WritesMarkerWhenUnpickled:
@@ -58,7 +63,7 @@ def _malicious(run_dir, tmp_path, case: str):
     elif case == "override-dict-with-target":
         target = _torch_load_target(tmp_path, marker)
         recipe["overrides"].append(
-            "+generator.extra={_target_:torch.load,f:'%s',weights_only:false}" % target["f"]
+            f"+generator.extra={{_target_:torch.load,f:'{target['f']}',weights_only:false}}"
         )
     elif case == "override-interpolation":
         recipe["overrides"].append("corpus.name=${oc.env:HOME}")
