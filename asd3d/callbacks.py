@@ -61,6 +61,10 @@ class StepProgressBar(pl.Callback):
             self._bar.close()
             self._bar = None
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Closed now, so that the error train.py prints is the last line of the output.
+        self.on_train_end(trainer, pl_module)
+
 
 class TrainingStopped(Exception):
     """Training ended before ``max_steps`` on purpose; ``train.py`` prints one line and exits
