@@ -421,10 +421,11 @@ class StableDiffusionPrior(Prior):
                 self._text_cache.move_to_end(text)
             while len(self._text_cache) > self.text_cache_size:
                 self._text_cache.popitem(last=False)
-        return TextEmbedding(
-            tokens=torch.stack([found[t][0] for t in texts]).float(),
-            pooled=torch.stack([found[t][1] for t in texts]).float(),
-        )
+        with self._autocast_off(self.device):  # fp16 entries: CPU autocast refuses to stack them
+            return TextEmbedding(
+                tokens=torch.stack([found[t][0] for t in texts]).float(),
+                pooled=torch.stack([found[t][1] for t in texts]).float(),
+            )
 
     def condition(self, prompts: PromptBatch, cameras: Cameras) -> ConditionPair:
         """Per view: the (view-dependent) prompt's tokens, and the negative prompt's tokens; with
