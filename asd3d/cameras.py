@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from jaxtyping import Float
@@ -212,6 +213,8 @@ def move_cameras(cameras: Cameras, device: torch.device | str) -> Cameras:
     device = torch.device(device)
     source = cameras.c2w.device
     if source == device or (device.type == source.type and device.index is None):
+        if source.type == "cpu":  # host cameras are their own host copy
+            return replace(cameras, host_angles=(cameras.elevation, cameras.azimuth))
         return cameras
     B = len(cameras)
     packed = torch.cat([getattr(cameras, name).reshape(B, -1).float() for name in _PACKED], dim=1)
