@@ -190,13 +190,14 @@ def write_random_sd(root: Path, size: str, device: torch.device) -> Path:
         if isinstance(component, torch.nn.Module):
             component = component.half()
         component.save_pretrained(root / name)
-    DDPMScheduler(
+    scheduler = DDPMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
         prediction_type="epsilon",
-    ).save_pretrained(root / "scheduler")
+    )
+    scheduler.save_pretrained(root / "scheduler")  # type: ignore[attr-defined]
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return root
 

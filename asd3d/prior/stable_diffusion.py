@@ -486,7 +486,7 @@ class StableDiffusionPrior(Prior):
         table = table.view(len(prompts), len(directions), *table.shape[1:])
         prompt_of_row = torch.arange(len(texts), device=device) // cameras.views_per_prompt
 
-        choices = [  # per row: the two mixed directions, then the two negatives
+        choices: list[list[str | None]] = [  # per row: the 2 mixed directions, the 2 negatives
             [a for a, _ in views.mix],
             [b for _, b in views.mix],
             [pair[0] for pair in views.negatives],
