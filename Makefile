@@ -7,7 +7,7 @@ STAMP := $(VENV)/.asd3d-installed
 RUN_DIR := outputs/quickstart/$(shell date +%Y-%m-%d_%H-%M-%S)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv quickstart test test-slow bench lint format typecheck clean
+.PHONY: help venv quickstart test test-slow bench bench-gpu gpu-wheels lint format typecheck clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-11s %s\n", $$1, $$2}'
@@ -33,6 +33,16 @@ test-slow: $(STAMP) ## run the long end-to-end tests too
 
 bench: $(STAMP) ## benchmarks: prior-call batch composition, system overhead vs a bare loop, DDP scaling (ratios)
 	$(PY) -m asd3d.bench
+
+GPU_WHEELS := diffusers==0.42.1 hydra-core==1.3.8 omegaconf==2.3.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 importlib_metadata==10.2.0
+
+gpu-wheels: $(STAMP) ## download into .whl/ the wheels the lent GPU machine lacks (python 3.12, no network there)
+	mkdir -p .whl
+	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	$(PY) -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3  # sdist only: built here (pure Python)
+
+bench-gpu: ## the prepared GPU check: writes bench_gpu.json/.md under $$OUT (default bench_results/)
+	OUT=$${OUT:-bench_results}; PYTHONUNBUFFERED=1 python3 -m asd3d.bench_gpu --out $$OUT
 
 lint: $(STAMP) ## ruff lint + format check
 	$(VENV)/bin/ruff check asd3d tests *.py

@@ -11,15 +11,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from asd3d.transfer import to_device
 from asd3d.types import Cameras
 
 VIEW_LAYOUTS = ("independent", "orbit")
 DISTANCE_MODES = ("absolute", "fov_scaled")
+
+
+def _unit_axis(axis: int, like: Tensor) -> Float[Tensor, "3"]:
+    """World axis ``axis`` as a vector on ``like``'s device (filled there: no host copy)."""
+    unit = torch.zeros(3, dtype=like.dtype, device=like.device)
+    unit[axis] = 1.0
+    return unit
 
 
 def look_at(
@@ -36,14 +45,12 @@ def look_at(
     if target is None:
         target = torch.zeros_like(centers)
     if up is None:
-        up = centers.new_tensor([0.0, 0.0, 1.0])
+        up = _unit_axis(2, centers)
     forward = torch.nn.functional.normalize(target - centers, dim=-1)
     up = up.expand_as(forward)
     right = torch.linalg.cross(forward, up, dim=-1)
     degenerate = right.norm(dim=-1, keepdim=True) < 1e-6
-    fallback = torch.linalg.cross(
-        forward, centers.new_tensor([0.0, 1.0, 0.0]).expand_as(forward), dim=-1
-    )
+    fallback = torch.linalg.cross(forward, _unit_axis(1, centers).expand_as(forward), dim=-1)
     right = torch.nn.functional.normalize(torch.where(degenerate, fallback, right), dim=-1)
     true_up = torch.linalg.cross(right, forward, dim=-1)
     c2w = torch.zeros(*centers.shape[:-1], 4, 4, dtype=centers.dtype, device=centers.device)
@@ -165,9 +172,11 @@ class CameraSampler:
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
     ) -> Cameras:
-        """``B = num_prompts * V`` cameras, the views of a prompt consecutive.
+        """``B = num_prompts * V`` cameras, the views of a prompt consecutive, on ``device``.
 
-        Deterministic given ``generator``'s state (all draws happen on the generator's device).
+        Deterministic given ``generator``'s state: all draws and the matrices are made on the
+        generator's device (the CPU for a CPU generator), then moved in one copy
+        (:func:`move_cameras`), which keeps the angles on the host for view-dependent prompting.
         """
         if num_prompts < 1:
             raise ValueError(f"num_prompts={num_prompts} must be at least 1")
@@ -189,9 +198,38 @@ class CameraSampler:
             azimuth = torch.remainder(per_view(azimuth) + steps + math.pi, 2 * math.pi) - math.pi
         if self.distance_mode == "fov_scaled":
             distance = distance / torch.tan(fovy / 2)
-        return _cameras_from_spherical(
-            elevation.to(device), azimuth.to(device), distance.to(device), fovy.to(device), V
-        )
+        return move_cameras(_cameras_from_spherical(elevation, azimuth, distance, fovy, V), device)
+
+
+_PACKED = ("c2w", "fovy", "elevation", "azimuth", "distance")
+
+
+def move_cameras(cameras: Cameras, device: torch.device | str) -> Cameras:
+    """``cameras`` on ``device`` in one copy, non-blocking from pinned memory when CPU -> CUDA.
+
+    The five tensors travel packed as one ``B x 20`` block; a move off the CPU keeps the host's
+    ``(elevation, azimuth)`` in ``host_angles``, so reading them later costs no device sync.
+    """
+    device = torch.device(device)
+    source = cameras.c2w.device
+    if source == device or (device.type == source.type and device.index is None):
+        if source.type == "cpu":  # host cameras are their own host copy
+            return replace(cameras, host_angles=(cameras.elevation, cameras.azimuth))
+        return cameras
+    B = len(cameras)
+    packed = torch.cat([getattr(cameras, name).reshape(B, -1).float() for name in _PACKED], dim=1)
+    moved = to_device(packed, device)
+    c2w, fovy, elevation, azimuth, distance = moved.split([16, 1, 1, 1, 1], dim=1)
+    host_angles = (cameras.elevation, cameras.azimuth) if source.type == "cpu" else None
+    return Cameras(
+        c2w=c2w.reshape(B, 4, 4),
+        fovy=fovy.reshape(B),
+        elevation=elevation.reshape(B),
+        azimuth=azimuth.reshape(B),
+        distance=distance.reshape(B),
+        views_per_prompt=cameras.views_per_prompt,
+        host_angles=host_angles,
+    )
 
 
 def orbit_cameras(
@@ -221,13 +259,14 @@ def orbit_cameras(
     def full(value: float) -> Tensor:
         return torch.full((B,), value, dtype=torch.float32)
 
-    return _cameras_from_spherical(
-        full(math.radians(elevation_deg)).to(device),
-        azimuth.repeat(num_prompts).to(device),
-        full(distance).to(device),
-        full(math.radians(fovy_deg)).to(device),
+    cameras = _cameras_from_spherical(
+        full(math.radians(elevation_deg)),
+        azimuth.repeat(num_prompts),
+        full(distance),
+        full(math.radians(fovy_deg)),
         num_views,
     )
+    return move_cameras(cameras, device)
 
 
 def camera_rays(

@@ -30,6 +30,7 @@ from asd3d.prior.base import Prior
 from asd3d.regularisers import Regularisers
 from asd3d.renderer.base import VolumeRenderer
 from asd3d.schedules import warmup_cosine
+from asd3d.transfer import to_device
 from asd3d.types import PromptBatch
 
 #: A render side, or milestones ``{fraction of max_steps: side}`` (e.g. ``{0: 64, 0.4: 256}``,
@@ -73,6 +74,11 @@ class DistillationSystem(pl.LightningModule):
             of the validation orbit.
         image_every_n_steps: how often a grid of training renders is written/logged (0: never).
         seed: base seed; each process draws cameras and noise from ``seed + rank``.
+        tf32, cudnn_benchmark: on CUDA, fp32 matrix products and convolutions on TF32 tensor
+            cores, and cuDNN's autotuner (render and latent sizes are fixed within a run); no
+            effect on the CPU (docs/performance.md). Off when a system is built without the YAML.
+        compile: ``torch.compile`` the generator and the prior's denoiser in place (parameter
+            names, hence checkpoints, unchanged).
     """
 
     prior: Prior  # set with object.__setattr__: not a submodule
@@ -100,6 +106,9 @@ class DistillationSystem(pl.LightningModule):
         num_workers: int = 0,
         run_config: dict[str, Any] | None = None,
         lr_final_ratio: float = 1.0,
+        tf32: bool = False,
+        cudnn_benchmark: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < lr_final_ratio <= 1.0:
@@ -135,7 +144,11 @@ class DistillationSystem(pl.LightningModule):
             str, Any
         ] = {}  # set by train.py: what rebuilds the run (asd3d.checkpoint)
         self.val_metrics = OracleMetrics()
+        self.tf32 = bool(tf32)
+        self.cudnn_benchmark = bool(cudnn_benchmark)
+        self.compile_modules = bool(compile)
         self._rng: torch.Generator | None = None
+        self._camera_rng: torch.Generator | None = None
 
     # ------------------------------------------------------------------ data
     def _rank_and_world(self) -> tuple[int, int]:
@@ -168,7 +181,7 @@ class DistillationSystem(pl.LightningModule):
     def transfer_batch_to_device(
         self, batch: PromptBatch, device: torch.device, dataloader_idx: int
     ) -> PromptBatch:
-        return dataclasses.replace(batch, ids=batch.ids.to(device))
+        return dataclasses.replace(batch, ids=to_device(batch.ids, device))
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -178,20 +191,34 @@ class DistillationSystem(pl.LightningModule):
 
     def embed(self, prompts: PromptBatch) -> PromptBatch:
         """Attach the prior's text embeddings (token states and pooled vector) to the prompts."""
-        embedding = self.prior.encode_text(list(prompts.texts))
+        embedding = self.prior.encode_text(list(prompts.texts))  # on the prior's device
         return PromptBatch(
-            ids=prompts.ids.to(self.device),
-            texts=prompts.texts,
-            tokens=embedding.tokens.to(self.device),
-            pooled=embedding.pooled.to(self.device),
+            ids=prompts.ids, texts=prompts.texts, tokens=embedding.tokens, pooled=embedding.pooled
         )
 
+    def _use_cuda_fast_path(self) -> None:
+        """TF32 and cuDNN autotuning for this process, when the run is on CUDA."""
+        if self.device.type != "cuda":
+            return
+        torch.backends.cuda.matmul.allow_tf32 = self.tf32
+        torch.backends.cudnn.allow_tf32 = self.tf32
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+
+    def setup(self, stage: str) -> None:
+        if self.compile_modules:
+            # In place (nn.Module.compile): state_dict keys stay those of the eager modules.
+            self.generator.compile()
+            self.prior.compile_denoiser()
+
     def on_fit_start(self) -> None:
+        self._use_cuda_fast_path()
         self.prior.to(self.device)
         self.val_metrics.reset()  # ddp_spawn may share metric state across ranks (STACK.md)
         self._rng = None  # seeded on the first step, once a resumed global_step is known
+        self._camera_rng = None
 
     def on_validation_start(self) -> None:
+        self._use_cuda_fast_path()
         self.prior.to(self.device)
         if self.live_validation.active:
             split = "test"
@@ -208,10 +235,23 @@ class DistillationSystem(pl.LightningModule):
             self._rng = torch.Generator(device=self.device).manual_seed(seed)
         return self._rng
 
+    def _camera_generator(self) -> torch.Generator:
+        """Where cameras are drawn: the step's generator on the CPU; on a GPU a CPU generator
+        with the same seed, so cameras are made on the host (their angles stay there for
+        view-dependent prompting) and reach the device in one copy."""
+        rng = self._step_generator()
+        if rng.device.type == "cpu":
+            return rng
+        if self._camera_rng is None:
+            self._camera_rng = torch.Generator().manual_seed(rng.initial_seed())
+        return self._camera_rng
+
     def training_step(self, batch: PromptBatch, batch_idx: int) -> torch.Tensor:
         rng = self._step_generator()
         prompts = self.embed(batch)
-        cameras = self.camera_sampler.sample(len(prompts), generator=rng, device=self.device)
+        cameras = self.camera_sampler.sample(
+            len(prompts), generator=self._camera_generator(), device=self.device
+        )
         field = self.generator(prompts, generator=rng)
         side = resolution_at(self.render_resolution, self.fraction)
         render = self.renderer(field, cameras, side, side, generator=rng)
@@ -244,9 +284,14 @@ class DistillationSystem(pl.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = [p.grad.detach().norm() for p in self.generator.parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm_generator", torch.stack(norms).norm(), batch_size=1)
+        # Only on steps whose logs are written: a few fused kernels (one per dtype and device)
+        # instead of one norm per parameter, and nothing at all on the other steps.
+        if not self.trainer._logger_connector.should_update_logs:
+            return
+        grads = [p.grad.detach() for p in self.generator.parameters() if p.grad is not None]
+        if grads:
+            norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+            self.log("train/grad_norm_generator", norms.norm(), batch_size=1)
 
     def configure_optimizers(self) -> Any:
         groups = [

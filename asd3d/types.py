@@ -13,7 +13,7 @@ Conventions, stated once for the whole package:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Protocol
 
 import torch
@@ -59,9 +59,18 @@ class Cameras:
     azimuth: Float[Tensor, "B"]
     distance: Float[Tensor, "B"]
     views_per_prompt: int = 1
+    #: ``(elevation, azimuth)`` on the CPU when the cameras were drawn there and moved to a GPU
+    #: (:func:`asd3d.cameras.move_cameras`): view-dependent prompting reads them without a sync.
+    host_angles: tuple[Tensor, Tensor] | None = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return self.c2w.shape[0]
+
+    def angles_on_host(self) -> tuple[Float[Tensor, "B"], Float[Tensor, "B"]]:
+        """``(elevation, azimuth)`` on the CPU (a device copy only when no host copy is kept)."""
+        if self.host_angles is not None:
+            return self.host_angles
+        return self.elevation.cpu(), self.azimuth.cpu()
 
     @property
     def num_prompts(self) -> int:
@@ -91,6 +100,7 @@ class Cameras:
                 if isinstance(getattr(self, f.name), Tensor)
             },
             views_per_prompt=1,
+            host_angles=None,
         )
 
     @staticmethod

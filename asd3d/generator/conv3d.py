@@ -253,8 +253,10 @@ class SynthesisNetwork(nn.Module):
         output_resolution: int,
         feature_dim: int,
         bias_max_resolution: int,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
+        self.channels_last = bool(channels_last)
         resolutions = [4 * 2**i for i in range(int(math.log2(output_resolution // 4)) + 1)]
         if resolutions[-1] != output_resolution:
             raise ValueError(f"output_resolution must be 4 * 2^k, got {output_resolution}")
@@ -278,6 +280,8 @@ class SynthesisNetwork(nn.Module):
         self, w: Float[Tensor, "P W"], noise_mode: NoiseMode, generator: torch.Generator | None
     ) -> Float[Tensor, "P C R R R"]:
         x, img = self.first_block(w, noise_mode, generator)
+        if self.channels_last and x.is_cuda:  # later convolutions keep the layout
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         for block in self.blocks:
             x, img = block(x, img, w, noise_mode, generator)
         return img
@@ -343,6 +347,9 @@ class ThreeDConvGenerator(Generator):
         z_mode: ``"random"`` draws ``z ~ N(0, I)`` per prompt per call (the release's training
             data module; its evaluation fixes one draw), ``"zero"`` uses ``z = 0``, making the
             generator a deterministic function of the text (when ``noise_mode`` isn't random).
+        channels_last: on CUDA, run the synthesis convolutions on channels-last (NDHWC)
+            volumes, the layout cuDNN's tensor-core 3D kernels read without a transpose
+            (docs/performance.md: measured by ``make bench-gpu`` before it becomes a default).
     """
 
     text_input: ClassVar[TextInput] = "pooled"
@@ -362,6 +369,7 @@ class ThreeDConvGenerator(Generator):
         sphere_bias_radius: float | None,
         noise_mode: NoiseMode,
         z_mode: ZMode,
+        channels_last: bool,
     ) -> None:
         super().__init__()
         if noise_mode not in ("random", "const", "off"):
@@ -376,7 +384,7 @@ class ThreeDConvGenerator(Generator):
         self.z_mode: ZMode = z_mode
         self.mapping = MappingNetwork(z_dim, text_dim, w_dim, mapping_layers)
         self.synthesis = SynthesisNetwork(
-            w_dim, channels, output_resolution, feature_dim, bias_max_resolution
+            w_dim, channels, output_resolution, feature_dim, bias_max_resolution, channels_last
         )
         self.sdf_network = BiasFreeMLP([feature_dim, decoder_hidden, 1])
         self.rgb_network = BiasFreeMLP([feature_dim, decoder_hidden, 3])

@@ -7,9 +7,11 @@ two ways to evaluate it:
   on CUDA; the package is not on PyPI and must be built from source);
 * ``torch`` -- a pure-PyTorch implementation with the same semantics, everywhere else.
 
-``backend="auto"`` picks ``tcnn`` when it can and ``torch`` otherwise, per call, so a module built
-on the CPU and moved to a GPU switches by itself; a checkpoint trained with either loads into the
-other because the parameter layout is shared.
+``backend="auto"`` picks ``tcnn`` on CUDA and ``torch`` on the CPU, per call, so a module built on
+the CPU and moved to a GPU switches by itself; on CUDA without tinycudann it is an error naming
+``generator.grid_backend=torch`` (the pure-PyTorch grid is several times slower there: an explicit
+choice, not a silent fallback). A checkpoint trained with either backend loads into the other
+because the parameter layout is shared.
 
 Semantics (tiny-cuda-nn ``encodings/grid.h``), for level ``l`` of ``L``:
 
@@ -85,10 +87,10 @@ def grid_levels(
 def _axis_terms(coords: Int[Tensor, "*N 3"], resolution: int, dense: bool) -> Int[Tensor, "*N 3"]:
     """Per-axis parts of a vertex's table entry: strides ``1, R, R^2`` (dense levels, summed) or
     ``coord * prime mod 2^32`` (hashed levels, xor-ed)."""
-    if dense:
-        strides = coords.new_tensor([1, resolution, resolution * resolution])
-        return coords * strides
-    return (coords * coords.new_tensor(HASH_PRIMES)) & _UINT32_MASK
+    # Python-int factors, broadcast per axis: no constant tensor is copied to the device.
+    factors = (1, resolution, resolution * resolution) if dense else HASH_PRIMES
+    terms = torch.stack([coords[..., d] * factors[d] for d in range(3)], dim=-1)
+    return terms if dense else terms & _UINT32_MASK
 
 
 def _wrap(index: Tensor, table_size: int) -> Tensor:
@@ -166,7 +168,8 @@ class _HashGridLookup(torch.autograd.Function):
             if grad_x is not None:
                 # d weight / d x_d: the axis-d factor [1 - frac, frac] becomes scale * [-1, +1].
                 g_corner = torch.bmm(table[index], g[:, :, None]).squeeze(-1)  # (N, 8)
-                slope = x.new_tensor([-level.scale, level.scale])[None, :].expand(len(x), 2)
+                slope = torch.full((len(x), 2), level.scale, dtype=x.dtype, device=x.device)
+                slope[:, 0] = -level.scale
                 for d in range(3):
                     factors = axis_weights.clone()
                     factors[..., d] = slope
@@ -193,8 +196,8 @@ class HashGridEncoding(nn.Module):
         log2_hashmap_size: at most ``2^log2_hashmap_size`` entries per level.
         base_resolution: ``N_min``, vertices per axis of the coarsest level.
         per_level_scale: growth factor ``b`` of the resolution from one level to the next.
-        backend: ``auto`` (tiny-cuda-nn on CUDA when it imports, else PyTorch), ``torch`` or
-            ``tcnn`` (an error when it cannot run).
+        backend: ``auto`` (tiny-cuda-nn on CUDA, an error there when it does not import; PyTorch
+            on the CPU), ``torch`` or ``tcnn`` (an error when it cannot run).
 
     The parameter ``params`` is the flat table in tiny-cuda-nn's layout (level offsets, then
     ``entry * F + feature``), initialised uniformly in ``[-1e-4, 1e-4]`` as tiny-cuda-nn does.
@@ -269,17 +272,26 @@ class HashGridEncoding(nn.Module):
         }
 
     def resolve_backend(self, device: torch.device) -> Literal["torch", "tcnn"]:
-        """The backend a call on ``device`` uses."""
+        """The backend a call on ``device`` uses: ``auto`` is ``tcnn`` on CUDA (an error when
+        tinycudann is missing there: the PyTorch path is an explicit opt-in, never a silent
+        slowdown) and ``torch`` elsewhere."""
         if self.backend == "torch":
             return "torch"
-        usable = device.type == "cuda" and tcnn_available()
-        if self.backend == "tcnn" and not usable:
+        if device.type == "cuda" and tcnn_available():
+            return "tcnn"
+        if self.backend == "tcnn":
             raise ValueError(
                 "hash grid backend='tcnn' needs tinycudann (built from source) and CUDA inputs; "
                 f"got device={device}, tinycudann importable={tcnn_available()}; "
                 "use backend=torch or backend=auto"
             )
-        return "tcnn" if usable else "torch"
+        if device.type == "cuda":
+            raise ValueError(
+                "generator.grid_backend=auto on CUDA needs tinycudann, which does not import; "
+                "build it (docs/performance.md) or set generator.grid_backend=torch (and "
+                "renderer.background.grid_backend=torch) to opt in to the slower PyTorch hash grid"
+            )
+        return "torch"
 
     def forward(self, x: Float[Tensor, "N 3"]) -> Float[Tensor, "N LF"]:
         if x.ndim != 2 or x.shape[-1] != 3:

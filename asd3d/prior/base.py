@@ -48,6 +48,12 @@ class Prior(nn.Module, abc.ABC):
     ) -> Float[Tensor, "N C h w"]:
         """The model's noise prediction ``eps_hat(x_t, t, c)`` per row."""
 
+    def compile_denoiser(self) -> None:
+        """``torch.compile`` the network :meth:`predict_eps` runs, in place (``system.compile``).
+
+        Priors without a network worth compiling keep this default: nothing to do.
+        """
+
     def freeze(self) -> Prior:
         """Detach every parameter from autograd and switch to eval mode."""
         self.requires_grad_(False)

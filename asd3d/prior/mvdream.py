@@ -152,11 +152,16 @@ def check_view_groups(condition: Condition, num_frames: int) -> None:
             f"consecutive views; every distiller query must hold P x {num_frames} rows"
         )
     branch = condition.unconditional.reshape(-1, num_frames)
-    mixed_branch = (branch.any(dim=1) != branch.all(dim=1)).tolist()  # one device sync
-    for group, mixed in enumerate(mixed_branch):
+    mixed = branch.any(dim=1) != branch.all(dim=1)
+    if mixed.device.type != "cpu":
+        # Checked on the device, asynchronously: reading the flags back would stall every UNet
+        # call. A mixed group (no distiller builds one) stops the run with a device assert.
+        torch._assert_async(~mixed.any(), "MVDream prior: a view group mixes branches")
+        mixed = torch.zeros(len(branch), dtype=torch.bool)
+    for group, mixed_branch in enumerate(mixed.tolist()):  # host texts (and host flags)
         start = group * num_frames
         texts = sorted(set(condition.texts[start : start + num_frames]))
-        if mixed or len(texts) > 1:
+        if mixed_branch or len(texts) > 1:
             raise ValueError(
                 f"MVDream prior: rows {start}..{start + num_frames - 1} are not the "
                 f"{num_frames} views of one prompt in one branch (texts {texts[:2]}); views "
@@ -182,7 +187,7 @@ class MVDreamPrior(StableDiffusionPrior):
         camera_condition: feed the camera codes; ``false`` runs the release's camera-less path
             (``camera=None``, ``num_frames=1``).
         text_dim, resolution, negative_prompt, view_dependent_prompting, dtype, enable_sdpa,
-        channels_last, text_cache_size, text_embeddings: as for :class:`StableDiffusionPrior`
+        channels_last, text_cache_size, text_embeddings, accelerator: as for :class:`StableDiffusionPrior`
             (no Perp-Neg: MVDream gets the camera); ``enable_sdpa`` false runs the UNet's
             attention on PyTorch's math backend.
     """
@@ -207,6 +212,7 @@ class MVDreamPrior(StableDiffusionPrior):
         channels_last: bool = False,
         text_cache_size: int = 4096,
         text_embeddings: str | None = None,
+        accelerator: str = "auto",
     ) -> None:
         if int(num_views) != num_views or num_views < 1:
             raise ValueError(f"prior.num_views={num_views} must be a positive integer")
@@ -241,6 +247,7 @@ class MVDreamPrior(StableDiffusionPrior):
             channels_last=channels_last,
             text_cache_size=text_cache_size,
             text_embeddings=text_embeddings,
+            accelerator=accelerator,
         )
         self.prediction_type = "epsilon"  # the release's parameterization, whatever SD's says
         expected = ddpm_alphas_cumprod(*MVDREAM_SCHEDULE)

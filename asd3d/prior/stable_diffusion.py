@@ -37,6 +37,7 @@ from asd3d.prior.view_prompts import (
     perp_neg_views,
     view_dependent_texts,
 )
+from asd3d.transfer import to_device
 from asd3d.types import (
     Cameras,
     Condition,
@@ -86,10 +87,13 @@ _DTYPES = {
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def resolve_dtype(dtype: str) -> torch.dtype:
-    """``auto``: fp16 when CUDA is available (where the prior will run), fp32 on CPU."""
+def resolve_dtype(dtype: str, accelerator: str = "auto") -> torch.dtype:
+    """``auto``: fp16 when the run goes to CUDA (``accelerator`` ``auto``/``gpu``/``cuda`` and a
+    GPU is visible), fp32 otherwise: a CPU run (``trainer.accelerator=cpu``) on a machine with a
+    GPU keeps fp32, whose CPU kernels are the fast and complete ones."""
     if dtype == "auto":
-        return torch.float16 if torch.cuda.is_available() else torch.float32
+        on_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        return torch.float16 if on_cuda else torch.float32
     if dtype not in _DTYPES:
         raise ValueError(f"prior.dtype={dtype!r} is not one of auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
@@ -191,15 +195,21 @@ class StableDiffusionPrior(Prior):
         resolution: side the renders are resized to before the VAE (512 / 768).
         negative_prompt: text of the unconditional branch ("" for SD, REFERENCE.md §1).
         view_dependent_prompting: append ", front/side/back/overhead view" per camera.
-        dtype: ``auto`` (fp16 if CUDA is available, else fp32), ``fp32``, ``fp16`` or ``bf16``;
-            the UNet, VAE and text encoder run in it, inputs are cast, outputs are float32.
+        dtype: ``auto`` (fp16 when the run is on CUDA, else fp32: :func:`resolve_dtype`),
+            ``fp32``, ``fp16`` or ``bf16``; the UNet and text encoder run in it, inputs are cast,
+            outputs are float32. The VAE encoder, which the distillation gradient flows back
+            through, runs in bf16 when this is fp16: fp16's 5-bit exponent flushes small
+            gradients to zero without loss scaling, bf16 has fp32's range (docs/performance.md).
+        accelerator: the trainer's accelerator (``trainer.accelerator``), read by ``auto``.
         enable_sdpa: attention through PyTorch's ``scaled_dot_product_attention`` (diffusers'
             ``AttnProcessor2_0``: flash / memory-efficient kernels where available); ``false``
             uses diffusers' plain ``AttnProcessor`` (explicit softmax, more memory).
         channels_last: run the UNet and VAE in channels-last memory format (faster on GPUs with
             tensor cores).
-        text_cache_size: text embeddings kept in an LRU cache (CPU, fp16; ~158 KB per entry at
-            77 x 1024), so memory stays bounded whatever the corpus size; 0 disables it.
+        text_cache_size: text embeddings kept in an LRU cache on the prior's device (fp16;
+            ~158 KB per entry at 77 x 1024), so memory stays bounded whatever the corpus size;
+            0 disables it. Sized to hold a corpus' texts and their view variants; corpora
+            beyond it read ``text_embeddings`` (docs/text-embeddings.md).
         perp_neg: Perp-Neg (needs view-dependent prompting): interpolated view prompts plus two
             weighted view negatives per render (:mod:`asd3d.prior.view_prompts`); distillers then
             query 4 blocks of rows at ``t`` instead of 2.
@@ -226,6 +236,7 @@ class StableDiffusionPrior(Prior):
         perp_neg: bool = False,
         perp_neg_weights: PerpNegWeights | None = None,
         text_embeddings: str | None = None,
+        accelerator: str = "auto",
     ) -> None:
         super().__init__()
         if perp_neg and not view_dependent_prompting:
@@ -237,7 +248,8 @@ class StableDiffusionPrior(Prior):
             raise ValueError(f"prior.resolution={resolution} must be > 0")
         if text_cache_size < 0:
             raise ValueError(f"prior.text_cache_size={text_cache_size} must be >= 0")
-        self.model_dtype = resolve_dtype(str(dtype))
+        self.model_dtype = resolve_dtype(str(dtype), str(accelerator))
+        self.vae_dtype = torch.bfloat16 if self.model_dtype == torch.float16 else self.model_dtype
         self.pretrained = str(pretrained)
         root = resolve_pretrained(self.pretrained, revision)
         configs = check_layout(root, self.pretrained, self.diffusers_subfolders)
@@ -296,7 +308,10 @@ class StableDiffusionPrior(Prior):
         dtype = self.model_dtype
         self.unet = self._load_unet(root, enable_sdpa)
         self.vae = load(
-            "vae", lambda: AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype)
+            "vae",
+            lambda: AutoencoderKL.from_pretrained(
+                root, subfolder="vae", torch_dtype=self.vae_dtype
+            ),
         )
         self.text_encoder = load(
             "text_encoder",
@@ -343,8 +358,11 @@ class StableDiffusionPrior(Prior):
         # The prior runs in its own dtype whatever the trainer's mixed precision says.
         return torch.autocast(device_type=device.type, enabled=False)
 
-    def _to_model(self, x: Tensor) -> Tensor:
-        x = x.to(device=self.device, dtype=self.model_dtype)
+    def compile_denoiser(self) -> None:
+        self.unet.compile()
+
+    def _to_model(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        x = x.to(device=self.device, dtype=dtype or self.model_dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     # ----------------------------------------------------------------------------- text
@@ -369,37 +387,45 @@ class StableDiffusionPrior(Prior):
     def encode_text(self, texts: list[str]) -> TextEmbedding:
         """``P x 77 x D`` token states and ``P x D`` EOS states (float32, on the prior's device).
 
-        Embeddings are stored (and returned) at fp16 precision in a bounded LRU cache on the CPU,
-        so a repeated text costs nothing and the result does not depend on the cache's state.
+        Embeddings are stored (and returned) at fp16 precision in a bounded LRU cache on the
+        prior's device, so a repeated text costs one gather and no host-device copy, and the
+        result does not depend on the cache's state.
         """
         texts = list(texts)
+        unique = list(dict.fromkeys(texts))
+        if self._text_cache and next(iter(self._text_cache.values()))[0].device != self.device:
+            self._text_cache.clear()  # the prior moved: entries on the old device are dropped
         found: dict[str, tuple[Tensor, Tensor]] = {}
-        for text in dict.fromkeys(texts):
+        for text in unique:
             if text in self._text_cache:
                 self._text_cache.move_to_end(text)
                 found[text] = self._text_cache[text]
-        missing = [text for text in dict.fromkeys(texts) if text not in found]
+        missing = [text for text in unique if text not in found]
         if self.embedding_file is not None and missing:
-            for text, (tokens, pooled) in self.embedding_file.lookup(missing).items():
-                found[text] = (tokens, pooled)
-                if self.text_cache_size:
-                    self._text_cache[text] = found[text]
+            rows = self.embedding_file.lookup(missing)
+            if rows:  # one copy of all the rows read from the file
+                tokens = to_device(torch.stack([rows[t][0] for t in rows]), self.device)
+                pooled = to_device(torch.stack([rows[t][1] for t in rows]), self.device)
+                found.update((t, (tokens[i], pooled[i])) for i, t in enumerate(rows))
             missing = [text for text in missing if text not in found]
             self.embedding_file.note_missing(missing)
         for start in range(0, len(missing), 64):  # bounded text-encoder batches
             chunk = missing[start : start + 64]
             tokens, pooled = self._encode_uncached(chunk)
-            tokens, pooled = tokens.to("cpu", torch.float16), pooled.to("cpu", torch.float16)
-            for i, text in enumerate(chunk):
+            tokens, pooled = tokens.to(torch.float16), pooled.to(torch.float16)
+            for i, text in enumerate(chunk):  # clones: an entry must not pin its whole chunk
                 found[text] = (tokens[i].clone(), pooled[i].clone())
-                if self.text_cache_size:
-                    self._text_cache[text] = found[text]
-        while len(self._text_cache) > self.text_cache_size:
-            self._text_cache.popitem(last=False)
-        return TextEmbedding(
-            tokens=torch.stack([found[t][0] for t in texts]).to(self.device, torch.float32),
-            pooled=torch.stack([found[t][1] for t in texts]).to(self.device, torch.float32),
-        )
+        if self.text_cache_size:
+            for text in unique:
+                self._text_cache[text] = found[text]
+                self._text_cache.move_to_end(text)
+            while len(self._text_cache) > self.text_cache_size:
+                self._text_cache.popitem(last=False)
+        with self._autocast_off(self.device):  # fp16 entries: CPU autocast refuses to stack them
+            return TextEmbedding(
+                tokens=torch.stack([found[t][0] for t in texts]).float(),
+                pooled=torch.stack([found[t][1] for t in texts]).float(),
+            )
 
     def condition(self, prompts: PromptBatch, cameras: Cameras) -> ConditionPair:
         """Per view: the (view-dependent) prompt's tokens, and the negative prompt's tokens; with
@@ -417,11 +443,11 @@ class StableDiffusionPrior(Prior):
         negative = negative.expand(len(texts), -1, -1)
         if self.perp_neg:
             return self._perp_neg_condition(prompts, cameras, texts, negative)
-        positive_texts = (
-            view_dependent_texts(prompts.texts, cameras.azimuth, cameras.elevation)
-            if self.view_dependent_prompting
-            else list(texts)
-        )
+        if self.view_dependent_prompting:  # from the host's angles: no device sync
+            elevation, azimuth = cameras.angles_on_host()
+            positive_texts = view_dependent_texts(prompts.texts, azimuth, elevation)
+        else:
+            positive_texts = list(texts)
         positive = self.encode_text(positive_texts).tokens.to(device)
         flags = torch.zeros(len(texts), dtype=torch.bool, device=device)
         return ConditionPair(
@@ -444,9 +470,15 @@ class StableDiffusionPrior(Prior):
         negative: Float[Tensor, "B L D"],
     ) -> ConditionPair:
         """Perp-Neg: interpolated view tokens as the positive, two weighted view negatives
-        (:func:`asd3d.prior.view_prompts.perp_neg_views`)."""
+        (:func:`asd3d.prior.view_prompts.perp_neg_views`).
+
+        The per-row choices are made on the host (from the cameras' host angles) and reach the
+        device as one ``B x 11`` block: 4 direction columns, 4 negative-prompt flags, the
+        mixing ratio and the 2 weights.
+        """
         device = cameras.c2w.device
-        views = perp_neg_views(cameras.azimuth, cameras.elevation, self.perp_neg_weights)
+        elevation, azimuth = cameras.angles_on_host()
+        views = perp_neg_views(azimuth, elevation, self.perp_neg_weights)
         directions = list(SUFFIXES)
         table = self.encode_text(
             [prompt + SUFFIXES[name] for prompt in prompts.texts for name in directions]
@@ -454,25 +486,38 @@ class StableDiffusionPrior(Prior):
         table = table.view(len(prompts), len(directions), *table.shape[1:])
         prompt_of_row = torch.arange(len(texts), device=device) // cameras.views_per_prompt
 
-        def tokens(names: list[str | None]) -> Tensor:
-            column = [directions.index(name) if name is not None else 0 for name in names]
-            gathered = table[prompt_of_row, torch.tensor(column, device=device)]
-            is_negative_prompt = torch.tensor([name is None for name in names], device=device)
-            return torch.where(is_negative_prompt.view(-1, 1, 1), negative, gathered)
+        choices: list[list[str | None]] = [  # per row: the 2 mixed directions, the 2 negatives
+            [a for a, _ in views.mix],
+            [b for _, b in views.mix],
+            [pair[0] for pair in views.negatives],
+            [pair[1] for pair in views.negatives],
+        ]
+        columns = [[directions.index(n) if n is not None else 0 for n in c] for c in choices]
+        is_negative_prompt = [[float(n is None) for n in c] for c in choices]
+        host = torch.cat(
+            [
+                torch.tensor(columns, dtype=torch.float32).T,
+                torch.tensor(is_negative_prompt, dtype=torch.float32).T,
+                views.ratio.view(-1, 1),
+                views.weights,
+            ],
+            dim=1,
+        )
+        block = to_device(host, device)
+        column, use_negative = block[:, :4].long(), block[:, 4:8].bool()
+        ratio, weights = block[:, 8].view(-1, 1, 1), block[:, 9:11]
 
-        ratio = views.ratio.to(device).view(-1, 1, 1)
-        positive = ratio * tokens([a for a, _ in views.mix]) + (1.0 - ratio) * tokens(
-            [b for _, b in views.mix]
-        )
+        def tokens(k: int) -> Tensor:
+            gathered = table[prompt_of_row, column[:, k]]
+            return torch.where(use_negative[:, k].view(-1, 1, 1), negative, gathered)
+
+        positive = ratio * tokens(0) + (1.0 - ratio) * tokens(1)
         flags = torch.zeros(len(texts), dtype=torch.bool, device=device)
-        negatives = tuple(
-            Condition(texts, flags, cameras, tokens=tokens([pair[k] for pair in views.negatives]))
-            for k in range(2)
-        )
+        negatives = tuple(Condition(texts, flags, cameras, tokens=tokens(2 + k)) for k in range(2))
         return ConditionPair(
             positive=Condition(texts, flags, cameras, tokens=positive),
             negative=Condition(texts, ~flags, cameras, tokens=negative),
-            perp_neg=PerpNegConditions(negatives, views.weights.to(device)),
+            perp_neg=PerpNegConditions(negatives, weights.contiguous()),
         )
 
     # ----------------------------------------------------------------------------- images
@@ -487,7 +532,7 @@ class StableDiffusionPrior(Prior):
             rgb = F.interpolate(
                 rgb, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False
             )
-        x = self._to_model(rgb * 2.0 - 1.0)
+        x = self._to_model(rgb * 2.0 - 1.0, self.vae_dtype)
         with self._autocast_off(x.device):
             posterior = self.vae.encode(x).latent_dist
             latents = posterior.sample(generator) * self.vae.config.scaling_factor

@@ -28,8 +28,6 @@ from asd3d.types import Cameras, Field, RenderOutput
 Shading = Literal["none", "diffuse"]
 
 OPTICAL_DEPTH_CLAMP = 60.0
-# Central differences along +-x, +-y, +-z (pairs of rows).
-_FD_DIRECTIONS = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
 
 
 def ray_box_intersection(
@@ -125,7 +123,9 @@ def query_field(field: Field, *points: Tensor) -> list[tuple[Tensor, Tensor]]:
 
 def finite_difference_points(x: Float[Tensor, "*N 3"], eps: float) -> Float[Tensor, "*N 6 3"]:
     """The 6 central-difference probes ``x +- eps e_d`` of every point."""
-    offsets = x.new_tensor(_FD_DIRECTIONS) * eps
+    # +e_d, -e_d per axis, built on x's device (a constant copied from the host would sync).
+    eye = torch.eye(3, dtype=x.dtype, device=x.device) * eps
+    offsets = torch.stack([eye, -eye], dim=1).reshape(6, 3)
     return x[..., None, :] + offsets
 
 
