@@ -1,6 +1,6 @@
 """Train a text-to-3D generator by score distillation.
 
-python train.py                                   # defaults: procedural world, 3DConv, ASD
+python train.py                                   # CUDA: the paper's defaults; CPU: the quickstart
 python train.py experiment=quickstart             # ASD vs the learned miniature prior, ~15 min on a laptop CPU
 python train.py generator=3dconv prior=mvdream corpus=dl17k
 python train.py -m distiller.eta=0,0.1,0.2        # a sweep
@@ -8,10 +8,13 @@ python train.py -m distiller.eta=0,0.1,0.2        # a sweep
 
 from __future__ import annotations
 
+import sys
+
 import hydra
+import torch
 from omegaconf import DictConfig
 
-from asd3d.cli import restore_ddp_job_argv
+from asd3d.cli import machine_defaults, restore_ddp_job_argv
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -23,4 +26,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     restore_ddp_job_argv()
+    sys.argv[1:] = machine_defaults(sys.argv[1:], cuda=torch.cuda.is_available())
     main()

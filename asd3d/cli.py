@@ -1,4 +1,4 @@
-"""What the entry points share: user-facing errors, DDP-inside-multirun, output locations."""
+"""What the entry points share: user-facing errors, DDP-inside-multirun, the machine's defaults."""
 
 from __future__ import annotations
 
@@ -84,3 +84,34 @@ def remember_ddp_job_argv(local_rank_suffix: str = "ddp") -> None:
         f"hydra.job.name={hydra_cfg.job.name}_{local_rank_suffix}",
     ]
     os.environ[_DDP_ARGV_ENV] = json.dumps(argv)
+
+
+#: What ``python train.py`` trains on a machine without CUDA when no config group is chosen.
+CPU_EXPERIMENT = "quickstart"
+
+#: The config groups of ``train.py`` (``conf/<group>/``), plus Hydra's own (``hydra/launcher``...).
+TRAIN_GROUPS = frozenset(
+    p.name for p in (Path(__file__).resolve().parents[1] / "conf").iterdir() if p.is_dir()
+)
+
+
+def machine_defaults(argv: list[str], cuda: bool) -> list[str]:
+    """The command line ``train.py`` runs: on a machine without CUDA, a command that chooses no
+    config group (``python train.py``, ``python train.py -m distiller.eta=0,0.1,0.2``,
+    ``python train.py trainer.max_steps=100``) trains ``experiment=quickstart`` (sized for a CPU)
+    with its key overrides, and says so on stderr.
+
+    The group defaults of ``conf/train.yaml`` stay the paper's settings: they are what a CUDA
+    machine runs, and what any command that chooses a group (``experiment=...``,
+    ``generator=...``, ``hydra/launcher=...`` for SLURM) builds on, wherever it runs. A resume
+    (``ckpt_path=``) keeps the configuration stored in its checkpoint.
+    """
+    chosen = {arg.split("=", 1)[0].lstrip("+~").split("/")[0] for arg in argv if "=" in arg}
+    if cuda or chosen & (TRAIN_GROUPS | {"ckpt_path"}):
+        return argv
+    print(
+        f"No CUDA device: training experiment={CPU_EXPERIMENT}, the procedural world sized for a "
+        "CPU (~15 min), with your overrides; experiment=null for the paper's GPU defaults.",
+        file=sys.stderr,
+    )
+    return [*argv, f"experiment={CPU_EXPERIMENT}"]
