@@ -170,11 +170,9 @@ def log_evaluation(
     turntables: list[Path],
 ) -> bool:
     """Log ``evaluate.py``'s results into the W&B run of the training run: the mean metrics as
-    ``eval/<name>`` (also in the run summary), and ``eval/prompts``, a table of ``rows`` with a
-    ``turntable`` video column. ``run_cfg`` is the training run's config (its ``logger.wandb``).
+    ``eval/<name>`` (also in the run summary), ``eval/prompts`` (a table of ``rows``, whose first
+    two columns are the prompt's index and text) and each prompt's ``eval/turntable_<index>``. ``run_cfg`` is the training run's config (its ``logger.wandb``).
     Returns False (nothing logged) when that run had no W&B logger or W&B is disabled."""
-    import wandb
-
     settings = (run_cfg.get("logger") or {}).get("wandb")
     if settings is None:
         return False
@@ -191,11 +189,8 @@ def log_evaluation(
     metrics = {f"eval/{name}": value for name, value in means.items()}
     logger.log_metrics(metrics)
     logger.experiment.summary.update(metrics)
-    videos = [wandb.Video(str(path)) for path in turntables]
-    logger.log_table(
-        key="eval/prompts",
-        columns=[*columns, "turntable"],
-        data=[[*row, video] for row, video in zip(rows, videos)],
-    )
+    logger.log_table(key="eval/prompts", columns=columns, data=rows)
+    for row, path in zip(rows, turntables):  # the H.264 files as they are, as validation logs them
+        logger.log_video(key=f"eval/turntable_{row[0]:05d}", videos=[str(path)], caption=[row[1]])
     logger.finalize("success")
     return True
