@@ -9,6 +9,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+import asd3d  # noqa: F401  (registers the config's ${asd3d.cwd:} resolver)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export_mesh")
 def main(cfg: DictConfig) -> None:

@@ -1,6 +1,6 @@
 """Train a text-to-3D generator by score distillation.
 
-python train.py                                   # defaults: procedural world, 3DConv, ASD
+python train.py                                   # CUDA: the paper's defaults; CPU: the quickstart
 python train.py experiment=quickstart             # ASD vs the learned miniature prior, ~15 min on a laptop CPU
 python train.py generator=3dconv prior=mvdream corpus=dl17k
 python train.py -m distiller.eta=0,0.1,0.2        # a sweep
@@ -12,9 +12,10 @@ from __future__ import annotations
 import sys
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
-from asd3d.cli import restore_ddp_job_argv, user_errors
+from asd3d.cli import machine_defaults, restore_ddp_job_argv, user_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -31,4 +32,5 @@ if __name__ == "__main__":
 
         # ckpt_path=...: compose the checkpoint's own run (its recipe), the user's overrides on top.
         sys.argv = [sys.argv[0], *resume_argv(sys.argv[1:])]
+    sys.argv[1:] = machine_defaults(sys.argv[1:], cuda=torch.cuda.is_available())
     main()

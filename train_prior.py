@@ -13,6 +13,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+import asd3d  # noqa: F401  (registers the config's ${asd3d.cwd:} resolver)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train_prior")
 def main(cfg: DictConfig) -> float:

@@ -18,7 +18,6 @@ a package relocation (``group@pkg=...``), a sweep, or a group option that is not
 from __future__ import annotations
 
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 INSTANTIATION_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 #: Task overrides that describe one invocation, not the run (the resumed checkpoint itself).
 _NOT_RECIPE = ("ckpt_path",)
-_WANDB_ID = re.compile(r"^[a-z0-9]{1,64}$")
+_WANDB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _OPTION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]*$")
 
 
@@ -58,12 +57,6 @@ def _option_exists(group: str, option: str) -> bool:
     if not _OPTION.match(option) or ".." in option:
         return False
     return (CONF_DIR / group / f"{option}.yaml").is_file()
-
-
-def new_wandb_id() -> str:
-    """A fresh W&B run id (8 characters of ``[0-9a-f]``), chosen before the logger exists so
-    that checkpoints can carry it."""
-    return secrets.token_hex(4)
 
 
 def _parse(text: str):
@@ -242,6 +235,12 @@ def compose_run_config(
         HydraConfig.instance().set_config(cfg)
         with open_dict(cfg):
             del cfg["hydra"]
+    elif run_dir is not None:  # inside evaluate.py: the run's paths, not the calling app's
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(run_dir)
+    if recipe.wandb_id is not None and cfg.get("logger") and "wandb" in cfg.logger:
+        with open_dict(cfg):
+            cfg.logger.wandb.run_id = recipe.wandb_id  # evaluate.py logs into the same W&B run
     return cfg
 
 

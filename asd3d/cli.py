@@ -1,4 +1,5 @@
-"""What the entry points share: user-facing errors, DDP-inside-multirun, checks before a run."""
+"""What the entry points share: user-facing errors, DDP-inside-multirun, checks before a run,
+the machine's defaults."""
 
 from __future__ import annotations
 
@@ -143,3 +144,38 @@ class PreflightCallback(Callback):
             check_writable_directory(
                 "hydra.sweep.dir", Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
             )
+
+
+#: What ``python train.py`` trains on a machine without CUDA unless the command sizes the run.
+CPU_EXPERIMENT = "quickstart"
+
+#: The config groups of ``train.py`` (``conf/<group>/``; ``hydra`` for ``hydra/launcher=``).
+TRAIN_GROUPS = frozenset(
+    p.name for p in (Path(__file__).resolve().parents[1] / "conf").iterdir() if p.is_dir()
+)
+#: Groups whose choice keeps the CPU preset: they change the method, not the size of the run.
+SIZE_NEUTRAL_GROUPS = frozenset(
+    {"distiller", "optimizer", "system", "logger", "callbacks", "paths"}
+)
+
+
+def machine_defaults(argv: list[str], cuda: bool) -> list[str]:
+    """The command line ``train.py`` runs: on a machine without CUDA, a command that chooses no
+    experiment and no group that sizes the run (generator, prior, corpus, renderer, cameras,
+    trainer, a Hydra launcher) -- ``python train.py``, ``python train.py -m distiller.eta=0,0.1``,
+    ``python train.py distiller=vsd`` -- trains on top of ``experiment=quickstart`` (sized for a
+    CPU) and says so on stderr.
+
+    The group defaults of ``conf/train.yaml`` stay the paper's settings: they are what a CUDA
+    machine runs, and what any command that sizes the run builds on, wherever it runs. A resume
+    (``ckpt_path=``) keeps the configuration stored in its checkpoint.
+    """
+    keys = {arg.split("=", 1)[0].lstrip("+~").split("/")[0] for arg in argv if "=" in arg}
+    if cuda or "ckpt_path" in keys or (keys & TRAIN_GROUPS) - SIZE_NEUTRAL_GROUPS:
+        return argv
+    print(
+        f"No CUDA device: training experiment={CPU_EXPERIMENT}, the procedural world sized for a "
+        "CPU (~15 min), with your overrides; experiment=null for the paper's GPU defaults.",
+        file=sys.stderr,
+    )
+    return [*argv, f"experiment={CPU_EXPERIMENT}"]

@@ -13,9 +13,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from asd3d.build import build_system
 from asd3d.callbacks import TrainingStopped
-from asd3d.checkpoint import RunRecipe, check_loadable_state, new_wandb_id
+from asd3d.checkpoint import RunRecipe, check_loadable_state
 from asd3d.cli import remember_ddp_job_argv, user_errors
 from asd3d.io import CheckpointError, load_checkpoint
+from asd3d.loggers import run_id_of
 from asd3d.schema import validate_train_config
 
 
@@ -38,15 +39,17 @@ def run_training(cfg: DictConfig) -> float | None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     with user_errors(output_dir):
         validate_train_config(cfg)
-        wandb_id = new_wandb_id()
+        wandb_cfg = cfg.logger.get("wandb") if cfg.get("logger") else None
+        # The run's W&B id: WANDB_RUN_ID, else one derived from the run directory.
+        wandb_id = (wandb_cfg and wandb_cfg.get("run_id")) or run_id_of(output_dir)
         if cfg.ckpt_path is not None:
             where = f"checkpoint {cfg.ckpt_path}"
             resumed = load_checkpoint(Path(cfg.ckpt_path))  # fail early, with one line
             wandb_id = RunRecipe.from_checkpoint(resumed, where).wandb_id or wandb_id
         recipe = RunRecipe.of_this_run(wandb_id)
-        if cfg.get("logger") and "wandb" in cfg.logger:
+        if wandb_cfg is not None:
             with open_dict(cfg):
-                cfg.logger.wandb.id = wandb_id  # a resumed run continues its W&B run
+                cfg.logger.wandb.run_id = wandb_id  # a resumed run continues its W&B run
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         run_config: dict = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
         system = build_system(cfg, run_config)

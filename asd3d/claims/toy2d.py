@@ -221,12 +221,13 @@ def run_toy2d(cfg: DictConfig, output_dir: Path) -> ToyResult:
         if step % every and step != steps:
             return {}
         value = float(psnr(image, ground_truth).mean()) if ground_truth is not None else math.nan
-        row = {"method": run.name, "step": step, **metrics, "psnr": value}
+        measured: dict[str, float] = {**metrics, "psnr": value}
+        row: dict[str, float | int | str] = {"method": run.name, "step": step, **measured}
         run.rows.append({key: row.get(key, math.nan) for key in CSV_COLUMNS})
         return {  # loggers get the measured values only (no PSNR without ground truth)
-            f"toy2d/{run.name}/{key}": value
-            for key, value in row.items()
-            if key not in ("method", "step") and not math.isnan(value)
+            f"toy2d/{run.name}/{key}": number
+            for key, number in measured.items()
+            if not math.isnan(number)
         }
 
     bar = tqdm(total=steps, desc=f"toy2d: {text}", unit="step")

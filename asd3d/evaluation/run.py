@@ -66,12 +66,16 @@ def _slug(text: str, limit: int = 60) -> str:
 
 
 def load_trained_parts(
-    checkpoint: dict[str, Any], device: torch.device, where: str = "checkpoint"
+    checkpoint: dict[str, Any],
+    device: torch.device,
+    where: str = "checkpoint",
+    run_dir: Path | None = None,
 ) -> tuple[DictConfig, Parts]:
     """Rebuild the run's parts from the project's ``conf/`` and the checkpoint's recipe (never
-    from a config stored in the file: :mod:`asd3d.checkpoint`) and load their weights."""
+    from a config stored in the file: :mod:`asd3d.checkpoint`) and load their weights.
+    ``run_dir``: the training run's directory (``paths.output_dir`` of the returned config)."""
     recipe = RunRecipe.from_checkpoint(checkpoint, where)
-    cfg = compose_run_config(recipe)
+    cfg = compose_run_config(recipe, run_dir=run_dir)
     parts = build_parts(cfg)
     state = checkpoint.get("state_dict", {})
     for name in ("generator", "renderer"):
@@ -375,14 +379,36 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     resumed = int(fabric.all_reduce(torch.tensor(done, device=fabric.device), reduce_op="sum"))
     fabric.barrier()
     if rank == 0:
-        _write_summary(ctx, count, means, resumed=resumed)
+        records = _write_summary(ctx, count, means, resumed=resumed)
+        if cfg.wandb:
+            _log_to_training_run(ctx, as_config(checkpoint["asd3d_config"]), records, means)
+        # The last line: the metric means (scripts read it).
+        print(
+            " ".join(f"{k}={v:.4f}" for k, v in means.items())
+            or "no metrics (corpus has no oracle)"
+        )
     return means
+
+
+def _log_to_training_run(
+    ctx: _Context, run_cfg: DictConfig, records: list[dict[str, Any]], means: dict[str, float]
+) -> None:
+    """Metrics, the per-prompt table and the turntables into the training run's W&B run."""
+    from asd3d.loggers import log_evaluation
+
+    columns = ["index", "prompt", *(k for k in (*ORACLE_METRICS, *CLIP_METRICS) if k in means)]
+    rows = [[record[c] for c in columns] for record in records]
+    turntables = [ctx.out_dir / record["turntable"] for record in records]
+    if log_evaluation(run_cfg, means, columns, rows, turntables):
+        print("Logged to the training run's W&B run (eval/*)")
 
 
 def _prepare(
     cfg: DictConfig, checkpoint: dict[str, Any], ckpt_path: Path, device: torch.device
 ) -> tuple[_Context, int]:
-    run_cfg, parts = load_trained_parts(checkpoint, device, f"checkpoint {ckpt_path}")
+    run_cfg, parts = load_trained_parts(
+        checkpoint, device, f"checkpoint {ckpt_path}", run_dir=ckpt_path.resolve().parent.parent
+    )
     split = cfg.split
     size = parts.corpus.size(split)
     count = size if cfg.max_prompts is None else min(size, int(cfg.max_prompts))
@@ -439,7 +465,10 @@ def _load_strip(path: Path, cells: int) -> list[torch.Tensor]:
     return list(image.chunk(cells, dim=-1))
 
 
-def _write_summary(ctx: _Context, count: int, means: dict[str, float], resumed: int) -> None:
+def _write_summary(
+    ctx: _Context, count: int, means: dict[str, float], resumed: int
+) -> list[dict[str, Any]]:
+    """Write metrics.json / .csv, the contact sheet and the gallery; returns the prompt records."""
     out, cfg = ctx.out_dir, ctx.cfg
     records = []
     for index in range(count):
@@ -489,7 +518,7 @@ def _write_summary(ctx: _Context, count: int, means: dict[str, float], resumed: 
     if resumed:
         print(f"Resumed: {resumed} prompt(s) were already evaluated with these settings")
     print(f"Evaluation written to {out} ({outputs})")
-    print(" ".join(f"{k}={v:.4f}" for k, v in means.items()) or "no metrics (corpus has no oracle)")
+    return records
 
 
 def run_mesh_export(cfg: DictConfig) -> dict[str, Path]:

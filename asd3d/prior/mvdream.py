@@ -56,7 +56,7 @@ from asd3d.types import Cameras, Condition, ConditionPair, PromptBatch
 MVDREAM_REPO = "MVDream/MVDream"
 MVDREAM_FILENAME = "sd-v2.1-base-4view.pt"
 HOW_TO_PROVIDE_CHECKPOINT = (
-    f"download it with `huggingface-cli download {MVDREAM_REPO} {MVDREAM_FILENAME}` "
+    f"download it with `hf download {MVDREAM_REPO} {MVDREAM_FILENAME}` "
     f"or set prior.checkpoint=/path/to/{MVDREAM_FILENAME} (.pt or .safetensors)"
 )
 # The release's schedule (configs/sd-v2-base.yaml: timesteps, linear_start, linear_end; its

@@ -48,7 +48,7 @@ from asd3d.types import (
 )
 
 HOW_TO_PROVIDE = (
-    "download it with `huggingface-cli download stabilityai/stable-diffusion-2-1-base` "
+    "download it with `hf download stabilityai/stable-diffusion-2-1-base` "
     "or set prior.pretrained=/path/to/diffusers/dir"
 )
 # What each subfolder of a diffusers SD directory must hold: (config, any one of the weights).

@@ -276,7 +276,7 @@ def test_missing_checkpoint_file_is_a_one_line_error(tiny, tmp_path):
         make_prior(tiny, checkpoint=str(missing))
     message = one_line(excinfo)
     assert str(missing) in message and "prior.checkpoint=" in message
-    assert "huggingface-cli download MVDream/MVDream sd-v2.1-base-4view.pt" in message
+    assert "hf download MVDream/MVDream sd-v2.1-base-4view.pt" in message
     with pytest.raises(FileNotFoundError, match="no sd-v2.1-base-4view.pt in"):
         make_prior(tiny, checkpoint=str(tmp_path))
 
@@ -290,7 +290,7 @@ def test_uncached_hub_checkpoint_is_a_one_line_error(tiny, tmp_path, monkeypatch
         make_prior(tiny, checkpoint="MVDream/MVDream")
     message = one_line(excinfo)
     assert "MVDream/MVDream" in message and str(tmp_path / "hub") in message
-    assert "huggingface-cli download MVDream/MVDream sd-v2.1-base-4view.pt" in message
+    assert "hf download MVDream/MVDream sd-v2.1-base-4view.pt" in message
 
 
 def test_hub_checkpoint_resolves_from_the_hf_cache(tiny, tmp_path, monkeypatch):
@@ -323,7 +323,7 @@ def test_malformed_checkpoint_is_a_one_line_error(tiny, tmp_path, damage, needle
     with pytest.raises(ValueError) as excinfo:
         make_prior(tiny, checkpoint=str(path), **kwargs)
     message = one_line(excinfo)
-    assert needle in message and str(path) in message and "huggingface-cli download" in message
+    assert needle in message and str(path) in message and "hf download" in message
 
 
 def test_missing_sd_parts_and_wrong_schedule_are_one_line_errors(tiny, tmp_path):

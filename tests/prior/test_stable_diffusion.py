@@ -309,7 +309,7 @@ def test_missing_directory_is_a_one_line_error(tmp_path):
     with pytest.raises(FileNotFoundError) as excinfo:
         StableDiffusionPrior(pretrained=str(missing))
     message = one_line_error(excinfo)
-    assert str(missing) in message and "huggingface-cli download" in message
+    assert str(missing) in message and "hf download" in message
     assert "prior.pretrained=" in message
 
 
@@ -360,7 +360,7 @@ def test_damaged_directory_is_a_one_line_error(tiny, tmp_path, damage, error, na
     with pytest.raises(error) as excinfo:
         make_prior(root)
     message = one_line_error(excinfo)
-    assert names in message and str(root) in message and "huggingface-cli download" in message
+    assert names in message and str(root) in message and "hf download" in message
 
 
 def test_text_dim_mismatch_is_a_one_line_error(tiny):
