@@ -116,6 +116,7 @@ class _Context:
     """What every prompt of one evaluation shares."""
 
     cfg: DictConfig
+    run_cfg: DictConfig  # the training run's config, rebuilt from the checkpoint's recipe
     parts: Parts
     device: torch.device
     cameras: Cameras
@@ -381,7 +382,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     if rank == 0:
         records = _write_summary(ctx, count, means, resumed=resumed)
         if cfg.wandb:
-            _log_to_training_run(ctx, as_config(checkpoint["asd3d_config"]), records, means)
+            _log_to_training_run(ctx, records, means)
         # The last line: the metric means (scripts read it).
         print(
             " ".join(f"{k}={v:.4f}" for k, v in means.items())
@@ -391,7 +392,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
 
 
 def _log_to_training_run(
-    ctx: _Context, run_cfg: DictConfig, records: list[dict[str, Any]], means: dict[str, float]
+    ctx: _Context, records: list[dict[str, Any]], means: dict[str, float]
 ) -> None:
     """Metrics, the per-prompt table and the turntables into the training run's W&B run."""
     from asd3d.loggers import log_evaluation
@@ -399,7 +400,7 @@ def _log_to_training_run(
     columns = ["index", "prompt", *(k for k in (*ORACLE_METRICS, *CLIP_METRICS) if k in means)]
     rows = [[record[c] for c in columns] for record in records]
     turntables = [ctx.out_dir / record["turntable"] for record in records]
-    if log_evaluation(run_cfg, means, columns, rows, turntables):
+    if log_evaluation(ctx.run_cfg, means, columns, rows, turntables):
         print("Logged to the training run's W&B run (eval/*)")
 
 
@@ -441,6 +442,7 @@ def _prepare(
     settings = _settings(cfg, ckpt_path, resolution, cameras_cfg, clip)
     ctx = _Context(
         cfg=cfg,
+        run_cfg=run_cfg,
         parts=parts,
         device=device,
         cameras=cameras,
