@@ -192,3 +192,27 @@ def test_a_prompt_typed_in_the_browser_shows_the_model(checkpoint, tmp_path):
     assert len(re.findall(r"^\s*-?[01]\.\d{3}\s*$", table, flags=re.MULTILINE)) == 4, table
     assert shot.std() > 5.0, "the 3D viewer drew nothing"  # a model on the canvas, not a blank
     assert problems == [], problems
+
+
+def test_nearest_prompts_with_a_real_text_encoder(tmp_path):
+    """Stable Diffusion's text path (CLIP tokenizer + text model, tiny and random here): any text,
+    words it never saw included, has neighbours; a training prompt's nearest is itself."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests" / "prior"))
+    from tiny_sd import RESOLUTION, TEXT_DIM, save_tiny_sd, tiny_components
+
+    from asd3d.demo import NearestPrompts
+    from asd3d.prior.stable_diffusion import StableDiffusionPrior
+
+    path = save_tiny_sd(tmp_path / "sd", "epsilon", tiny_components(seed=0))
+    prior = StableDiffusionPrior(
+        pretrained=str(path), text_dim=TEXT_DIM, resolution=RESOLUTION, dtype="fp32"
+    )
+    train_prompts = ["a red cube", "a wooden chair", "a corgi wearing a top hat", "a blue vase"]
+    nearest = NearestPrompts(prior, train_prompts, batch_size=3, device=torch.device("cpu"))
+    assert nearest.embeddings.shape == (4, TEXT_DIM)
+    for text in train_prompts:
+        assert nearest(text, 1)[0][0] == text
+    ranked = nearest("zxqv flurbish über-蛋糕", 4)
+    assert sorted(t for t, _ in ranked) == sorted(train_prompts)
