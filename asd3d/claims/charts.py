@@ -49,6 +49,8 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (23, 190, 207),
 )
 DPI = 100
+#: Line styles, cycled with the series: a curve drawn over an equal one leaves the other visible.
+LINE_STYLES = ("-", "--", "-.", ":")
 #: ``(left, top, right, bottom)`` in pixels of the saved PNG, origin at its top-left corner.
 Box = tuple[int, int, int, int]
 
@@ -146,8 +148,9 @@ def line_chart(
     markers: bool = True,
     panel_size: tuple[float, float] = (3.4, 2.6),
 ) -> ChartLayout:
-    """Panels side by side; series ``i`` of every panel in ``PALETTE[i]``; one legend of the
-    first panel's series labels below all panels. Returns where the panels and legend are."""
+    """Panels side by side; series ``i`` of every panel in ``PALETTE[i]`` and
+    ``LINE_STYLES[i]``; one legend of the first panel's series labels below all panels.
+    Returns where the panels and the legend are."""
     if not panels:
         raise ValueError("a line chart needs at least one panel")
     from matplotlib.ticker import MaxNLocator
@@ -168,6 +171,7 @@ def line_chart(
                 series.y,
                 color=colour(i),
                 linewidth=2.0,
+                linestyle=LINE_STYLES[i % len(LINE_STYLES)],
                 marker="o" if markers else None,
                 markersize=5,
                 drawstyle="steps-mid" if panel.steps else "default",
