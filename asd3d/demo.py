@@ -35,7 +35,12 @@ from asd3d.build import Parts, resolve_device
 from asd3d.cameras import orbit_cameras
 from asd3d.evaluation.media import enlarge, to_uint8, write_turntable
 from asd3d.evaluation.mesh import extract_mesh, field_kind_of, write_mesh
-from asd3d.evaluation.run import load_trained_parts, prompt_field, view_chunks
+from asd3d.evaluation.run import (
+    TURNTABLE_MIN_SIZE,
+    load_trained_parts,
+    prompt_field,
+    view_chunks,
+)
 from asd3d.io import load_checkpoint
 from asd3d.prior.base import Prior
 
@@ -47,8 +52,6 @@ __all__ = ["DemoGenerator", "Generation", "NearestPrompts", "build_app", "check_
 #: A progress callback: fraction done in ``[0, 1]`` and what is happening.
 Progress = Callable[[float, str], None]
 
-#: Shorter side of the turntable video (renders are upscaled by whole pixels, as in evaluation).
-VIDEO_MIN_SIZE = 256
 #: The training split whose prompts are searched for neighbours.
 TRAIN_SPLIT = "train"
 
@@ -69,9 +72,7 @@ class NearestPrompts:
     D = 1024 take 35 MB).
     """
 
-    def __init__(
-        self, prior: Prior, texts: Sequence[str], batch_size: int, device: torch.device
-    ) -> None:
+    def __init__(self, prior: Prior, texts: Sequence[str], batch_size: int) -> None:
         self.prior, self.texts = prior, list(texts)
         rows = []
         for start in tqdm(
@@ -160,7 +161,6 @@ class DemoGenerator:
             parts.prior,
             parts.corpus.prompts(TRAIN_SPLIT, range(count)) if cfg.nearest.k else [],
             int(cfg.nearest.batch_size),
-            self.device,
         )
         self._count = 0
 
@@ -204,7 +204,7 @@ class DemoGenerator:
                 resolution,
                 background_rgb=self.background.expand(len(cams), 3),
             )
-            frames.append(to_uint8(enlarge(render.rgb, VIDEO_MIN_SIZE)))
+            frames.append(to_uint8(enlarge(render.rgb, TURNTABLE_MIN_SIZE)))
             done += len(cams)
         self._count += 1
         stem = self.out_dir / f"{self._count:04d}_{_slug(text)}"

@@ -197,7 +197,6 @@ def test_a_prompt_typed_in_the_browser_shows_the_model(checkpoint, tmp_path):
 def test_nearest_prompts_with_a_real_text_encoder(tmp_path):
     """Stable Diffusion's text path (CLIP tokenizer + text model, tiny and random here): any text,
     words it never saw included, has neighbours; a training prompt's nearest is itself."""
-    import torch
 
     sys.path.insert(0, str(REPO / "tests" / "prior"))
     from tiny_sd import RESOLUTION, TEXT_DIM, save_tiny_sd, tiny_components
@@ -210,7 +209,7 @@ def test_nearest_prompts_with_a_real_text_encoder(tmp_path):
         pretrained=str(path), text_dim=TEXT_DIM, resolution=RESOLUTION, dtype="fp32"
     )
     train_prompts = ["a red cube", "a wooden chair", "a corgi wearing a top hat", "a blue vase"]
-    nearest = NearestPrompts(prior, train_prompts, batch_size=3, device=torch.device("cpu"))
+    nearest = NearestPrompts(prior, train_prompts, batch_size=3)
     assert nearest.embeddings.shape == (4, TEXT_DIM)
     for text in train_prompts:
         assert nearest(text, 1)[0][0] == text
