@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import math
@@ -359,7 +360,7 @@ def _bar_chart(summary: Summary, path: Path) -> None:
             title=METRICS[key],
             values=[r.metrics.get(key) for r in rows],
             x_limits=(0.0, 1.0) if key in ("oracle_r1", "mask_iou", "clip_r1") else None,
-            format=lambda value, key=key: _format(value, key),
+            format=functools.partial(_format, key=key),
         )
         for key in summary.metric_keys
     ]
