@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from asd3d.claims.charts import PALETTE, canvas, chart_font, nice_ticks, save_png, tick_label
+from asd3d.claims.charts import ChartLayout, LinePanel, Series, line_chart
 
 __all__ = [
     "CURVE_METRICS",
@@ -44,12 +44,6 @@ CURVE_X = ("steps", "minutes")
 _UNIT_RANGE = ("oracle_r1", "mask_iou")  # metrics in [0, 1]: the panel shows all of it
 _VAL_PREFIX = "val/"
 _JOB_START_FILE = Path(".hydra") / "config.yaml"
-
-# Layout (pixels): panels side by side, then one legend line per run under them.
-PANEL_WIDTH, PANEL_HEIGHT = 300, 230
-LEGEND_ROW, LEGEND_PAD = 16, 10
-_PLOT_LEFT, _PLOT_RIGHT, _PLOT_TOP, _PLOT_BOTTOM = 52, 14, 26, 40  # plot-area margins
-_MARKER = 3
 
 
 @dataclass
@@ -144,63 +138,20 @@ def _present(curves: Sequence[Curve]) -> list[str]:
     return [k for k in CURVE_METRICS if any(not math.isnan(v) for c in curves for v in c.values[k])]
 
 
-def draw_curves(curves: Sequence[Curve], path: Path, axis: str = "steps") -> None:
-    """One panel per metric (value vs ``axis``), a coloured polyline with markers per run, and a
-    legend of the runs' labels under the panels; ``PALETTE[i]`` is the colour of ``curves[i]``."""
+def draw_curves(curves: Sequence[Curve], path: Path, axis: str = "steps") -> ChartLayout:
+    """One panel per metric (value vs ``axis``), a line with markers per run, and a legend of
+    the runs' labels below the panels; ``PALETTE[i]`` is the colour of ``curves[i]``."""
     if not curves:
         raise ValueError("no curves to draw")
-    metrics = _present(curves)
-    width = max(1, len(metrics)) * PANEL_WIDTH
-    height = PANEL_HEIGHT + len(curves) * LEGEND_ROW + LEGEND_PAD
-    image, draw = canvas(width, height)
-    font = chart_font()
-    x_high = max(max(c.x(axis)) for c in curves)
-    x_ticks = nice_ticks(0.0, x_high, 5)
-    for m, key in enumerate(metrics):
-        known = [v for c in curves for v in c.values[key] if not math.isnan(v)]
-        low, high = (0.0, 1.0) if key in _UNIT_RANGE else (min(known), max(known))
-        y_ticks = nice_ticks(low, high, 5)
-        left = m * PANEL_WIDTH + _PLOT_LEFT
-        right = (m + 1) * PANEL_WIDTH - _PLOT_RIGHT
-        top, bottom = _PLOT_TOP, PANEL_HEIGHT - _PLOT_BOTTOM
-
-        def px(x: float, left: int = left, right: int = right) -> float:
-            return left + (right - left) * (x - x_ticks[0]) / (x_ticks[-1] - x_ticks[0])
-
-        def py(
-            y: float, ticks: list[float] = y_ticks, top: int = top, bottom: int = bottom
-        ) -> float:
-            return bottom - (bottom - top) * (y - ticks[0]) / (ticks[-1] - ticks[0])
-
-        draw.text((left, 6), CURVE_METRICS[key], fill="black", font=font)
-        draw.rectangle([left, top, right, bottom], outline="black")
-        for tick in x_ticks:
-            draw.line([(px(tick), bottom), (px(tick), bottom + 4)], fill="black")
-            text = tick_label(tick, x_ticks)
-            draw.text((px(tick) - font.getlength(text) / 2, bottom + 6), text, "black", font)
-        for tick in y_ticks:
-            draw.line([(left - 4, py(tick)), (left, py(tick))], fill="black")
-            text = tick_label(tick, y_ticks)
-            draw.text((left - 7 - font.getlength(text), py(tick) - 6), text, "black", font)
-        title = "steps" if axis == "steps" else "wall-clock minutes"
-        draw.text(((left + right - font.getlength(title)) / 2, bottom + 22), title, "black", font)
-        for c, curve in enumerate(curves):
-            colour = PALETTE[c % len(PALETTE)]
-            points = [
-                (px(x), py(y))
-                for x, y in zip(curve.x(axis), curve.values[key], strict=True)
-                if not math.isnan(y)
-            ]
-            if len(points) > 1:
-                draw.line(points, fill=colour, width=2)
-            for x, y in points:
-                draw.ellipse([x - _MARKER, y - _MARKER, x + _MARKER, y + _MARKER], fill=colour)
-    from asd3d.evaluation.media import _fit
-
-    for c, curve in enumerate(curves):
-        colour = PALETTE[c % len(PALETTE)]
-        y = PANEL_HEIGHT + LEGEND_PAD // 2 + c * LEGEND_ROW + LEGEND_ROW // 2
-        draw.line([(8, y), (32, y)], fill=colour, width=2)
-        draw.ellipse([20 - _MARKER, y - _MARKER, 20 + _MARKER, y + _MARKER], fill=colour)
-        draw.text((40, y - 7), _fit(curve.label, font, width - 48), fill="black", font=font)
-    save_png(image, path)
+    x_label = "steps" if axis == "steps" else "wall-clock minutes"
+    panels = [
+        LinePanel(
+            title=CURVE_METRICS[key],
+            series=[Series(curve.label, curve.x(axis), curve.values[key]) for curve in curves],
+            x_label=x_label,
+            y_limits=(-0.02, 1.02) if key in _UNIT_RANGE else None,
+            integer_x=axis == "steps",
+        )
+        for key in _present(curves)
+    ]
+    return line_chart(path, panels)

@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from jaxtyping import Float, Int
 from omegaconf import DictConfig
 from torch import Tensor
+from tqdm import tqdm
 
 from asd3d.build import resolve_device
 from asd3d.claims.shared import (
@@ -75,22 +76,36 @@ def measure_curves(
     num_noise: int,
     seed: int,
     timesteps_per_call: int = 1,
+    progress: bool = False,
 ) -> dict[str, Float[Tensor, "S"]]:
     """``e(t)`` of the prior (and of ``distiller``'s fine-tuned ``eps_phi`` when given) on
-    ``images``, conditional and unconditional, with the same noise draws for every curve."""
+    ``images``, conditional and unconditional, with the same noise draws for every curve.
+    ``progress``: a bar over the prediction calls of all curves."""
     x0, conditions = images.select(prior, torch.arange(images.num_groups))
     branches = (("conditional", conditions.positive), ("unconditional", conditions.negative))
-    curves = {}
-    for name, condition in branches:
-        curves[f"prior_{name}"] = noise_prediction_error(
-            prior, x0, condition, timesteps, num_noise, seed, None, timesteps_per_call
-        )
+    predictors: dict[str, tuple[PredictFn, Condition]] = {
+        f"prior_{name}": (prior.predict_eps, condition) for name, condition in branches
+    }
     if distiller is not None:
         for name, condition in branches:
             predict = particle_predictor(distiller, prior, unconditional=name == "unconditional")
-            curves[f"lora_{name}"] = noise_prediction_error(
-                prior, x0, condition, timesteps, num_noise, seed, predict, timesteps_per_call
-            )
+            predictors[f"lora_{name}"] = (predict, condition)
+    calls = num_noise * -(-len(timesteps) // timesteps_per_call)  # per curve
+    bar = tqdm(
+        total=calls * len(predictors), desc="measuring e(t)", unit="call", disable=not progress
+    )
+    curves = {}
+    for curve, (predict, condition) in predictors.items():
+        bar.set_postfix_str(curve)
+
+        def counted(x_t: Tensor, t: Tensor, rows: Condition, predict=predict) -> Tensor:
+            bar.update(1)
+            return predict(x_t, t, rows)
+
+        curves[curve] = noise_prediction_error(
+            prior, x0, condition, timesteps, num_noise, seed, counted, timesteps_per_call
+        )
+    bar.close()
     return curves
 
 
@@ -173,6 +188,7 @@ def run_error_curve(cfg: DictConfig) -> dict[str, Float[Tensor, "S"]]:
         int(measure.num_noise),
         int(measure.seed),
         int(measure.timesteps_per_call),
+        bool(cfg.progress),
     )
     out = Path(cfg.out_dir)
     write_error_curve(out / NAME, timesteps, curves)

@@ -29,6 +29,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from asd3d.build import resolve_device
+from asd3d.claims.charts import LinePanel, Series, line_chart
 from asd3d.claims.shared import (
     ClaimImages,
     build_claim_prior,
@@ -42,7 +43,6 @@ from asd3d.cli import user_errors
 from asd3d.distiller.base import Distiller
 from asd3d.distiller.timesteps import sample_timesteps
 from asd3d.distiller.vsd import VSDDistiller
-from asd3d.io import atomic_path
 from asd3d.prior.base import Prior
 
 NAME = "gradient_norms"
@@ -141,63 +141,39 @@ def summarize(
     return text + "\n", metrics
 
 
-_COLOURS = ((214, 39, 40), (44, 160, 44), (148, 103, 189), (31, 119, 180), (255, 127, 14))
-
-
-def plot_histograms(
-    path: Path,
-    norms: dict[str, Float[Tensor, "D B"]],
-    bins: int = 40,
-    width: int = 560,
-    height: int = 340,
-) -> None:
-    """One histogram per method (step lines) over shared log10-norm bins, median ticks on top.
-    Exact zeros (CSD where the conditional and unconditional predictions coincide) have no
-    logarithm: the legend counts them."""
-    from PIL import Image, ImageDraw
-
+def plot_histograms(path: Path, norms: dict[str, Float[Tensor, "D B"]], bins: int = 40) -> None:
+    """One histogram outline per method over shared log10-norm bins, its median as a tick on
+    the top edge. Exact zeros (CSD where the conditional and unconditional predictions
+    coincide) have no logarithm: the legend counts them."""
     flat = {name: v.flatten().double() for name, v in norms.items()}
-    zeros = {name: int((v <= 0).sum()) for name, v in flat.items()}
     logs = {
         name: torch.log10(v[v > 0] if bool((v > 0).any()) else v.new_ones(1))
         for name, v in flat.items()
     }
     low = math.floor(min(v.min().item() for v in logs.values()))
     high = max(math.ceil(max(v.max().item() for v in logs.values())), low + 1)
-    counts = {name: torch.histc(v, bins, low, high) / len(flat[name]) for name, v in logs.items()}
-    peak = max(c.max().item() for c in counts.values()) or 1.0
-    left, right, top, bottom = 48, 12, 24, 36
-
-    def x_of(value: float) -> float:
-        return left + (width - left - right) * (value - low) / (high - low)
-
-    def y_of(fraction: float) -> float:
-        return height - bottom - (height - top - bottom) * fraction / peak
-
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    for decade in range(low, high + 1):
-        x = x_of(decade)
-        draw.line([(x, top), (x, height - bottom)], fill=(225, 225, 225))
-        draw.text((x - 10, height - bottom + 6), f"1e{decade}", fill="black")
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    draw.text((width // 2 - 70, height - 14), "per-image gradient norm (log)", fill="black")
-    draw.text((4, top - 16), "fraction of draws", fill="black")
-    step = (high - low) / bins
-    for k, (name, count) in enumerate(counts.items()):
-        colour = _COLOURS[k % len(_COLOURS)]
-        points = []
-        for i, c in enumerate(count.tolist()):
-            points += [(x_of(low + i * step), y_of(c)), (x_of(low + (i + 1) * step), y_of(c))]
-        draw.line(points, fill=colour, width=2)
+    centres = [10.0 ** (low + (i + 0.5) * (high - low) / bins) for i in range(bins)]
+    series = []
+    for name, values in logs.items():
+        zeros = int((flat[name] <= 0).sum())
         median = flat[name].median().item()
-        if median > 0:
-            x = x_of(math.log10(median))
-            draw.line([(x, top), (x, top + 10)], fill=colour, width=3)
-        zero_note = f", {zeros[name]} zero" if zeros[name] else ""
-        draw.text((left + 6, top + 14 + 12 * k), f"{name} (median |{zero_note})", fill=colour)
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        series.append(
+            Series(
+                f"{name} (tick: median{f', {zeros} exact zeros' if zeros else ''})",
+                centres,
+                (torch.histc(values, bins, low, high) / len(flat[name])).tolist(),
+                mark=median if median > 0 else None,
+            )
+        )
+    panel = LinePanel(
+        title="per-image gradient norms",
+        series=series,
+        x_label="per-image gradient norm (log scale)",
+        y_label="fraction of draws",
+        log_x=True,
+        steps=True,
+    )
+    line_chart(path, [panel], markers=False, panel_size=(6.0, 3.6))
 
 
 def build_methods(cfg: DictConfig) -> dict[str, Distiller]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import math
@@ -39,7 +40,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from asd3d.claims.charts import PALETTE, canvas, chart_font, save_png
+from asd3d.claims.charts import BarPanel, bar_chart
 from asd3d.claims.curves import CURVE_X, Curve, curves_csv_text, draw_curves, job_start, read_curve
 from asd3d.cli import user_errors
 from asd3d.io import atomic_write_text
@@ -353,33 +354,17 @@ def _markdown(summary: Summary) -> str:
 
 def _bar_chart(summary: Summary, path: Path) -> None:
     """One horizontal bar panel per metric, a bar per finished run, labels on the left."""
-    font = chart_font()
-    rows, metrics = summary.finished, summary.metric_keys
-    bar, gap, top, bottom, panel = 14, 6, 28, 10, 180
-    labels = [r.label for r in rows]
-    label_width = int(max(font.getlength(text) for text in labels)) + 12
-    width = label_width + len(metrics) * (panel + 16)
-    height = top + len(rows) * (bar + gap) + bottom
-    image, draw = canvas(width, height)
-    for i, text in enumerate(labels):
-        draw.text((4, top + i * (bar + gap)), text, fill="black", font=font)
-    for m, key in enumerate(metrics):
-        left = label_width + m * (panel + 16)
-        values = [r.metrics.get(key) for r in rows]
-        known = [v for v in values if v is not None and not math.isnan(v)]
-        high = max(known, default=1.0)
-        scale = 1.0 if key in ("oracle_r1", "mask_iou", "clip_r1") else max(high, 1e-9)
-        draw.text((left, 6), METRICS[key], fill="black", font=font)
-        draw.line([(left, top - 4), (left, height - bottom)], fill="black")
-        colour = PALETTE[m % len(PALETTE)]
-        for i, value in enumerate(values):
-            if value is None or math.isnan(value):
-                continue
-            y = top + i * (bar + gap)
-            length = max(1, int((panel - 44) * max(0.0, value) / scale))
-            draw.rectangle([left + 1, y, left + length, y + bar], fill=colour)
-            draw.text((left + length + 3, y), _format(value, key), fill="black", font=font)
-    save_png(image, path)
+    rows = summary.finished
+    panels = [
+        BarPanel(
+            title=METRICS[key],
+            values=[r.metrics.get(key) for r in rows],
+            x_limits=(0.0, 1.0) if key in ("oracle_r1", "mask_iou", "clip_r1") else None,
+            format=functools.partial(_format, key=key),
+        )
+        for key in summary.metric_keys
+    ]
+    bar_chart(path, [r.label for r in rows], panels)
 
 
 def write_summary(summary: Summary, out_dir: Path) -> dict[str, Path]:

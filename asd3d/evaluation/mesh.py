@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int, UInt8
 from torch import Tensor
+from tqdm import tqdm
 
 from asd3d.io import atomic_write_bytes
 from asd3d.types import Field
@@ -95,10 +96,16 @@ def _grid_axis(radius: float, resolution: int) -> Tensor:
 
 @torch.no_grad()
 def sample_grid(
-    field: Field, radius: float, resolution: int, device: torch.device | str, chunk_points: int
+    field: Field,
+    radius: float,
+    resolution: int,
+    device: torch.device | str,
+    chunk_points: int,
+    progress: bool = False,
 ) -> Float[Tensor, "X Y Z"]:
     """``FieldOutput.sdf`` of one prompt's field on a ``resolution^3`` grid over the box
-    (endpoints included; index order x, y, z), on the CPU in float32."""
+    (endpoints included; index order x, y, z), on the CPU in float32. ``progress``: a bar over
+    the grid's slabs."""
     if resolution < 2:
         raise ValueError(f"mesh resolution={resolution} must be >= 2")
     axis = _grid_axis(radius, resolution).to(device)
@@ -107,7 +114,8 @@ def sample_grid(
     slab = resolution * resolution
     yz = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(-1, 2)
     slabs_per_chunk = max(1, chunk_points // slab)
-    for start in range(0, resolution, slabs_per_chunk):
+    starts = range(0, resolution, slabs_per_chunk)
+    for start in tqdm(starts, desc="sampling the field", unit="chunk", disable=not progress):
         xs = axis[start : start + slabs_per_chunk]
         points = torch.cat([xs.repeat_interleave(slab)[:, None], yz.repeat(len(xs), 1)], dim=1)
         out = field(points[None])
@@ -117,12 +125,17 @@ def sample_grid(
 
 @torch.no_grad()
 def _vertex_colors(
-    field: Field, vertices: np.ndarray, device: torch.device | str, chunk_points: int
+    field: Field,
+    vertices: np.ndarray,
+    device: torch.device | str,
+    chunk_points: int,
+    progress: bool = False,
 ) -> np.ndarray:
     points = torch.from_numpy(vertices).float().to(device)
+    starts = range(0, len(points), chunk_points)
     rgb = [
         field(points[s : s + chunk_points][None]).rgb[0]
-        for s in range(0, len(points), chunk_points)
+        for s in tqdm(starts, desc="colouring vertices", unit="chunk", disable=not progress)
     ]
     colors = torch.cat(rgb).float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
     return colors.cpu().numpy()
@@ -154,19 +167,22 @@ def extract_mesh(
     level: float | None = None,
     device: torch.device | str = "cpu",
     chunk_points: int = 262144,
+    progress: bool = False,
 ) -> ColoredMesh:
     """Marching cubes on one prompt's field; vertex colours are the field's colour there.
 
     ``level``: the surface value in the field's units (default 0 for SDFs; for densities the
-    default is the field's own top-1% quantile, see below). Falls back to quantiles of the grid's values when no surface crosses it (see the
-    module docstring); raises ``ValueError`` when the field is constant over the grid.
+    default is the field's own top-1% quantile, see below). Falls back to quantiles of the
+    grid's values when no surface crosses it (see the module docstring); raises ``ValueError``
+    when the field is constant over the grid. ``progress``: bars over the grid sampling and
+    the vertex colouring (long at resolutions of 256 and more).
     """
     if field_kind not in FIELD_KINDS:
         raise ValueError(f"field_kind={field_kind!r} is not one of {FIELD_KINDS}")
     if level is None:
         # SDFs have a natural surface (0); densities do not: their level comes from the field.
         level = 0.0 if field_kind == "sdf" else float("nan")
-    values = sample_grid(field, radius, resolution, device, chunk_points).numpy()
+    values = sample_grid(field, radius, resolution, device, chunk_points, progress).numpy()
     sign = -1.0 if field_kind == "sdf" else 1.0  # contour "insideness": larger inside
     inside = sign * values.astype(np.float64)
     for candidate in _candidate_levels(inside, sign * float(level)):
@@ -183,7 +199,7 @@ def extract_mesh(
     return ColoredMesh(
         vertices=world,
         faces=faces,
-        colors=_vertex_colors(field, world, device, chunk_points),
+        colors=_vertex_colors(field, world, device, chunk_points, progress),
         level=sign * candidate,
         requested_level=float(level),
     )

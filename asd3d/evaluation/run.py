@@ -557,6 +557,7 @@ def run_mesh_export(cfg: DictConfig) -> dict[str, Path]:
             level=mesh_cfg.level,
             device=device,
             chunk_points=int(mesh_cfg.chunk_points),
+            progress=True,
         )
         out_dir = Path(cfg.out_dir) if cfg.out_dir else ckpt_path.resolve().parent.parent / "meshes"
         paths = write_mesh(mesh, out_dir / _slug(text), list(mesh_cfg.formats), mesh_cfg.up_axis)

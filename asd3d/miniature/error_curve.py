@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from asd3d.claims.charts import LinePanel, Series, line_chart
 from asd3d.distiller.base import PredictFn
 from asd3d.distiller.math import add_noise
-from asd3d.io import atomic_path, atomic_write_text
+from asd3d.io import atomic_write_text
 from asd3d.prior.base import Prior
 from asd3d.prior.schedule import gather_abar
 from asd3d.types import Condition
@@ -79,41 +79,15 @@ def write_error_curve(
     _plot(path_stem.with_suffix(".png"), timesteps, curves)
 
 
-_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
-
-
-def _plot(
-    path: Path, timesteps: Tensor, curves: dict[str, Tensor], width: int = 480, height: int = 320
-) -> None:
-    from PIL import Image, ImageDraw
-
-    left, right, top, bottom = 56, 12, 12, 36
-    logs = {name: torch.log10(curve.clamp_min(1e-12)) for name, curve in curves.items()}
-    low = math.floor(min(v.min().item() for v in logs.values()))
-    high = math.ceil(max(v.max().item() for v in logs.values()))
-    high = max(high, low + 1)
-    t_max = max(1, int(timesteps.max()))
-
-    def xy(t: float, value: float) -> tuple[float, float]:
-        x = left + (width - left - right) * t / t_max
-        y = top + (height - top - bottom) * (high - value) / (high - low)
-        return x, y
-
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    for decade in range(low, high + 1):  # horizontal grid line per decade
-        _, y = xy(0, decade)
-        draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
-        draw.text((4, y - 6), f"1e{decade}", fill="black")
-    for t in range(0, t_max + 1, 200):
-        x, _ = xy(t, low)
-        draw.text((x - 8, height - bottom + 6), str(t), fill="black")
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    draw.text((width // 2 - 30, height - 14), "timestep t", fill="black")
-    for k, (name, values) in enumerate(logs.items()):
-        colour = _COLOURS[k % len(_COLOURS)]
-        points = [xy(t, v) for t, v in zip(timesteps.tolist(), values.tolist())]
-        draw.line(points, fill=colour, width=2)
-        draw.text((left + 8, top + 6 + 12 * k), f"e(t) {name}", fill=colour)
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+def _plot(path: Path, timesteps: Tensor, curves: dict[str, Tensor]) -> None:
+    t = timesteps.tolist()
+    panel = LinePanel(
+        title="noise-prediction error e(t)",
+        series=[
+            Series(f"e(t) {name}", t, c.clamp_min(1e-12).tolist()) for name, c in curves.items()
+        ],
+        x_label="timestep t",
+        y_label="e(t) (log scale)",
+        log_y=True,
+    )
+    line_chart(path, [panel], panel_size=(5.6, 3.4))

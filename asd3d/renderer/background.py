@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from asd3d.generator.hashgrid import HashGridBackend, HashGridEncoding
 from asd3d.generator.hypernetwork import HyperNetwork, apply_mlp
 from asd3d.generator.release_keys import rename_prefixes
+from asd3d.generator.triplane import COLOUR_ACTIVATIONS, ColourActivation
 
 MAX_SH_DEGREE = 3
 
@@ -62,15 +63,20 @@ def spherical_harmonics(
 class DirectionalBackground(nn.Module):
     """Learned environment colour: SH encoding of the view direction -> small MLP -> sigmoid.
 
-    The release's "neural environment map" background (REFERENCE.md §4). ``sh_degree`` is the
-    highest SH band, so the default 2 gives 9 coefficients (tiny-cuda-nn's ``n_degrees: 3``).
-    ``bias=False`` mirrors the release's bias-free MLPs.
+    The release's "neural environment map" background (threestudio's
+    ``neural-environment-map-background``, used by its 3DConv-net and Triplane-Transformer runs).
+    ``sh_degree`` is the highest SH band, so the default 2 gives 9 coefficients (tiny-cuda-nn's
+    ``degree: 3``). ``bias=False`` mirrors the release's bias-free MLPs. The MLP's linear layers
+    sit at ``mlp.0``, ``mlp.2``, ... (ReLUs between), the indices of the release's
+    ``network.layers``, so :func:`release_state_dict_to_directional_background` only renames.
 
     Args:
         sh_degree: highest spherical-harmonics band ``l`` (0-3); ``(sh_degree + 1)^2`` inputs.
         hidden_features: width of the hidden layers.
         num_hidden_layers: number of hidden ReLU layers (0: a linear map to colour).
         bias: whether the linear layers have biases.
+        colour_activation: ``"sigmoid"`` (the 3DConv-net release) or ``"sigmoid_mipnerf"``
+            (``1.002 sigmoid - 0.001``, the Triplane-Transformer release).
     """
 
     text_conditioned: ClassVar[bool] = False
@@ -81,8 +87,14 @@ class DirectionalBackground(nn.Module):
         hidden_features: int = 16,
         num_hidden_layers: int = 2,
         bias: bool = False,
+        colour_activation: ColourActivation = "sigmoid",
     ) -> None:
         super().__init__()
+        if colour_activation not in COLOUR_ACTIVATIONS:
+            raise ValueError(
+                f"colour_activation={colour_activation!r} is not one of "
+                f"{' | '.join(COLOUR_ACTIVATIONS)}"
+            )
         if not 0 <= sh_degree <= MAX_SH_DEGREE:
             raise ValueError(f"sh_degree={sh_degree} is outside [0, {MAX_SH_DEGREE}]")
         if hidden_features < 1 or num_hidden_layers < 0:
@@ -98,10 +110,11 @@ class DirectionalBackground(nn.Module):
             if i < len(widths) - 2:
                 layers.append(nn.ReLU(inplace=True))
         self.mlp = nn.Sequential(*layers)
+        self.colour_activation = COLOUR_ACTIVATIONS[colour_activation]
 
     def forward(self, directions: Float[Tensor, "*batch 3"]) -> Float[Tensor, "*batch 3"]:
         directions = nn.functional.normalize(directions, dim=-1)
-        return torch.sigmoid(self.mlp(spherical_harmonics(directions, self.sh_degree)))
+        return self.colour_activation(self.mlp(spherical_harmonics(directions, self.sh_degree)))
 
 
 class SolidBackground(nn.Module):
@@ -204,3 +217,21 @@ def release_state_dict_to_background(state: Mapping[str, Tensor]) -> dict[str, T
     are dropped. The hash table is cast to fp32.
     """
     return rename_prefixes(state, BACKGROUND_RELEASE_RENAMES, frozenset({"encoding.params"}))
+
+
+#: Release prefix -> :class:`DirectionalBackground` prefix (threestudio's ``VanillaMLP`` keeps its
+#: layers in ``network.layers``; the SH encoding has no parameters).
+DIRECTIONAL_BACKGROUND_RELEASE_RENAMES = {"background.network.layers.": "mlp."}
+
+
+def release_state_dict_to_directional_background(
+    state: Mapping[str, Tensor],
+) -> dict[str, Tensor]:
+    """Rename a ScaleDreamer 3DConv-net or Triplane-Transformer checkpoint's background weights.
+
+    The release's ``background.network.layers.{0,2,4}.weight`` (bias-free ``9 -> 16 -> 16 -> 3``)
+    load into :class:`DirectionalBackground` with the release's settings (``sh_degree: 2``,
+    ``hidden_features: 16``, ``num_hidden_layers: 2``, ``bias: false``; ``colour_activation``
+    ``sigmoid`` for 3DConv-net runs, ``sigmoid_mipnerf`` for Triplane runs). Other keys are dropped.
+    """
+    return rename_prefixes(state, DIRECTIONAL_BACKGROUND_RELEASE_RENAMES)
