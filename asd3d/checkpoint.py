@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from asd3d.io import (
-    CONFIG_KEY,
     RECIPE_KEY,
     CheckpointError,
     atomic_torch_save,
@@ -281,7 +280,7 @@ def load_trained_system(path: str | Path, overrides: Sequence[str] = (), map_loc
     checkpoint = load_checkpoint(path)
     recipe = RunRecipe.from_checkpoint(checkpoint, where)
     cfg = compose_run_config(recipe, overrides, run_dir=path.resolve().parent.parent)
-    system = build_system(cfg, checkpoint[CONFIG_KEY])
+    system = build_system(cfg, OmegaConf.to_container(cfg, resolve=True))  # never the stored one
     system.run_recipe = recipe.as_dict()
     check_loadable_state(system, checkpoint["state_dict"], where)
     system.load_state_dict(checkpoint["state_dict"])
