@@ -81,8 +81,8 @@ def _assert_one_line_failure(result, run_dir, start: str) -> None:
 
 CLI_BAD_VALUES = [
     "trainer.max_steps=abc",
-    "system.render_resolution=0",
-    "distiller.t_max.start=100",
+    pytest.param("system.render_resolution=0", marks=pytest.mark.slow),
+    pytest.param("distiller.t_max.start=100", marks=pytest.mark.slow),
 ]
 
 
