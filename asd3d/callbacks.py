@@ -111,10 +111,10 @@ class NonFiniteGuard(pl.Callback):
         self.max_consecutive = int(max_consecutive)
         self.skipped = 0
         self.streak = 0
-        self._loss_finite = True
+        self._checks: list[torch.Tensor] = []  # finiteness of this step's losses (accumulation)
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
-        self._loss_finite = bool(torch.isfinite(loss.detach()).all())
+        self._checks.append(torch.isfinite(loss.detach()).all())
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [
@@ -123,7 +123,9 @@ class NonFiniteGuard(pl.Callback):
             for p in group["params"]
             if p.grad is not None
         ]
-        finite = self._loss_finite and all(bool(torch.isfinite(g).all()) for g in grads)
+        checks = [*self._checks, *(torch.isfinite(g).all() for g in grads)]
+        self._checks = []
+        finite = bool(torch.stack(checks).all()) if checks else True  # one device sync
         if trainer.strategy.reduce_boolean_decision(not finite, all=False):
             optimizer.zero_grad(set_to_none=True)  # no gradient: the step changes nothing
             self.skipped += 1

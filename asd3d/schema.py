@@ -33,14 +33,11 @@ class ConfigValueError(ValueError):
 
 def _show(value: Any) -> str:
     if isinstance(value, DictConfig):  # a schedule: its numbers, not its class
-        value = {
-            k: v for k, v in OmegaConf.to_container(value, resolve=True).items() if k[0] != "_"
-        }
-    return (
-        repr(value)
-        if isinstance(value, str) and value.strip() != value or value == ""
-        else str(value)
-    )
+        plain: dict[Any, Any] = OmegaConf.to_container(value, resolve=True)  # type: ignore[assignment]
+        value = {k: v for k, v in plain.items() if not str(k).startswith("_")}
+    if isinstance(value, str) and (value == "" or value.strip() != value):
+        return repr(value)  # an empty or padded string must be visible
+    return str(value)
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,10 @@ def _load(path: Path) -> dict[str, list[str]]:
                     f"prompt library {str(path)!r}: {split}[{i}] is "
                     f"{type(item).__name__} {item!r}, not a string"
                 )
+            if not item.strip():
+                raise ValueError(
+                    f"prompt library {str(path)!r}: {split}[{i}]={item!r}: allowed a non-empty prompt"
+                )
     if not data["train"]:
         raise ValueError(f"prompt library {str(path)!r} has an empty 'train' split")
     return {split: data[split] for split in SPLITS}

@@ -81,8 +81,8 @@ def _assert_one_line_failure(result, run_dir, start: str) -> None:
 
 CLI_BAD_VALUES = [
     "trainer.max_steps=abc",
-    "system.render_resolution=0",
-    "distiller.t_max.start=100",
+    pytest.param("system.render_resolution=0", marks=pytest.mark.slow),
+    pytest.param("distiller.t_max.start=100", marks=pytest.mark.slow),
 ]
 
 
@@ -127,3 +127,14 @@ def test_evaluate_with_nothing_to_evaluate(tmp_path_factory, tmp_path):
     )
     _assert_one_line_failure(result, log_dir, "max_prompts=0: allowed")
     assert not (tmp_path / "eval").exists()
+
+
+def test_empty_prompts_are_refused(tmp_path):
+    import json
+
+    from asd3d.corpus.prompt_library import PromptLibraryCorpus
+
+    library = tmp_path / "library.json"
+    library.write_text(json.dumps({"train": ["a red cube", "  "], "val": [], "test": []}))
+    with pytest.raises(ValueError, match=r"train\[1\]='  ': allowed a non-empty prompt"):
+        PromptLibraryCorpus(library)
