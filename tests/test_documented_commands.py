@@ -201,7 +201,7 @@ def run_document(document: Path, tmp: Path, long: bool) -> int:
         "HF_HUB_OFFLINE": "1",
         "ASD3D_CORPORA_DIR": str(SHARED_CORPORA),
     }
-    ran, after_long = 0, False
+    ran, after_long, failures = 0, False, []
     for command in documented_commands(document):
         if command.long and not long:
             print(f"{command.where}: long, runs in the slow test")
@@ -223,11 +223,13 @@ def run_document(document: Path, tmp: Path, long: bool) -> int:
         result = subprocess.run(
             argv, cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
         )
-        assert result.returncode == 0, (
-            f"{command.where}: `{command.text}` ran as `{shlex.join(argv)}` and exited "
-            f"{result.returncode}:\n{(result.stdout + result.stderr)[-3000:]}"
-        )
+        if result.returncode != 0:
+            failures.append(
+                f"{command.where}: `{command.text}` ran as `{shlex.join(argv)}` and exited "
+                f"{result.returncode}:\n{(result.stdout + result.stderr)[-2000:]}"
+            )
         ran += 1
+    assert not failures, "\n\n".join(failures)
     return ran
 
 
