@@ -184,10 +184,12 @@ def command_line(command: Command, root: Path) -> list[str] | str:
 
 
 def with_length(argv: list[str], length: list[str]) -> list[str]:
-    """``argv`` with the training length / prompt counts: replaced where set, else appended."""
+    """``argv`` with the training length / prompt counts: replaced where set, else appended to
+    the overrides (before trailing Hydra flags such as ``--cfg job``, which must come last)."""
     keys = {item.split("=", 1)[0]: item for item in length}
     replaced = [keys.pop(a.split("=", 1)[0], a) if "=" in a else a for a in argv]
-    return [*replaced, *keys.values()]
+    flags = next((i for i, a in enumerate(replaced) if i > 1 and a.startswith("--")), len(replaced))
+    return [*replaced[:flags], *keys.values(), *replaced[flags:]]
 
 
 def run_document(document: Path, tmp: Path, long: bool) -> int:
@@ -264,4 +266,16 @@ def test_parsing_joins_lines_and_reads_comments(tmp_path):
     assert not Command(doc, 1, "x", "ASD against weights/miniature").composed_only
     assert not Command(doc, 1, "x", "no weights needed").composed_only
     assert Command(doc, 1, "x", "needs weights (docs/mvdream.md)").composed_only
-    assert with_length(["a=1", "steps=500"], ["steps=2", "n=1"]) == ["a=1", "steps=2", "n=1"]
+    assert with_length(["x.py", "a=1", "steps=500"], ["steps=2", "n=1"]) == [
+        "x.py",
+        "a=1",
+        "steps=2",
+        "n=1",
+    ]
+    assert with_length(["x.py", "a=1", "--cfg", "job"], ["n=1"]) == [
+        "x.py",
+        "a=1",
+        "n=1",
+        "--cfg",
+        "job",
+    ]
