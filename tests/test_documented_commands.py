@@ -184,10 +184,12 @@ def command_line(command: Command, root: Path) -> list[str] | str:
 
 
 def with_length(argv: list[str], length: list[str]) -> list[str]:
-    """``argv`` with the training length / prompt counts: replaced where set, else appended."""
+    """``argv`` with the training length / prompt counts: replaced where set, else appended to
+    the overrides (before trailing Hydra flags such as ``--cfg job``, which must come last)."""
     keys = {item.split("=", 1)[0]: item for item in length}
     replaced = [keys.pop(a.split("=", 1)[0], a) if "=" in a else a for a in argv]
-    return [*replaced, *keys.values()]
+    flags = next((i for i, a in enumerate(replaced) if i > 1 and a.startswith("--")), len(replaced))
+    return [*replaced[:flags], *keys.values(), *replaced[flags:]]
 
 
 def run_document(document: Path, tmp: Path, long: bool) -> int:
@@ -201,7 +203,7 @@ def run_document(document: Path, tmp: Path, long: bool) -> int:
         "HF_HUB_OFFLINE": "1",
         "ASD3D_CORPORA_DIR": str(SHARED_CORPORA),
     }
-    ran, after_long = 0, False
+    ran, after_long, failures = 0, False, []
     for command in documented_commands(document):
         if command.long and not long:
             print(f"{command.where}: long, runs in the slow test")
@@ -223,11 +225,13 @@ def run_document(document: Path, tmp: Path, long: bool) -> int:
         result = subprocess.run(
             argv, cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
         )
-        assert result.returncode == 0, (
-            f"{command.where}: `{command.text}` ran as `{shlex.join(argv)}` and exited "
-            f"{result.returncode}:\n{(result.stdout + result.stderr)[-3000:]}"
-        )
+        if result.returncode != 0:
+            failures.append(
+                f"{command.where}: `{command.text}` ran as `{shlex.join(argv)}` and exited "
+                f"{result.returncode}:\n{(result.stdout + result.stderr)[-2000:]}"
+            )
         ran += 1
+    assert not failures, "\n\n".join(failures)
     return ran
 
 
@@ -262,4 +266,16 @@ def test_parsing_joins_lines_and_reads_comments(tmp_path):
     assert not Command(doc, 1, "x", "ASD against weights/miniature").composed_only
     assert not Command(doc, 1, "x", "no weights needed").composed_only
     assert Command(doc, 1, "x", "needs weights (docs/mvdream.md)").composed_only
-    assert with_length(["a=1", "steps=500"], ["steps=2", "n=1"]) == ["a=1", "steps=2", "n=1"]
+    assert with_length(["x.py", "a=1", "steps=500"], ["steps=2", "n=1"]) == [
+        "x.py",
+        "a=1",
+        "steps=2",
+        "n=1",
+    ]
+    assert with_length(["x.py", "a=1", "--cfg", "job"], ["n=1"]) == [
+        "x.py",
+        "a=1",
+        "n=1",
+        "--cfg",
+        "job",
+    ]
