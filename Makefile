@@ -41,8 +41,8 @@ gpu-wheels: $(STAMP) ## download into .whl/ the wheels the lent GPU machine lack
 	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 	$(PY) -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3  # sdist only: built here (pure Python)
 
-bench-gpu: ## the prepared GPU check: writes bench_gpu.json/.md under $$OUT (default bench_results/)
-	OUT=$${OUT:-bench_results}; PYTHONUNBUFFERED=1 python3 -m asd3d.bench_gpu --out $$OUT
+bench-gpu: ## the prepared GPU check (CUDA; docs/performance.md): JSON + Markdown under OUT or bench_results/
+	PYTHONUNBUFFERED=1 python3 -m asd3d.bench_gpu
 
 lint: $(STAMP) ## ruff lint + format check
 	$(VENV)/bin/ruff check asd3d tests *.py

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -406,7 +407,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, required=True, help="where bench_gpu.json/.md go")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("OUT", "bench_results")),
+        help="where bench_gpu.json/.md go (default: $OUT, else bench_results/)",
+    )
     parser.add_argument("--size", choices=("full", "tiny"), default="full")
     parser.add_argument("--budget-s", type=float, default=450.0, help="global time guard")
     parser.add_argument("--steps", type=int, default=15)

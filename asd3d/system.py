@@ -191,9 +191,14 @@ class DistillationSystem(pl.LightningModule):
 
     def embed(self, prompts: PromptBatch) -> PromptBatch:
         """Attach the prior's text embeddings (token states and pooled vector) to the prompts."""
-        embedding = self.prior.encode_text(list(prompts.texts))  # on the prior's device
+        embedding = self.prior.encode_text(list(prompts.texts))
+        # No-ops (no copy) when already there: the batch was moved, network priors return
+        # embeddings on their device, which on_fit_start made this one.
         return PromptBatch(
-            ids=prompts.ids, texts=prompts.texts, tokens=embedding.tokens, pooled=embedding.pooled
+            ids=prompts.ids.to(self.device),
+            texts=prompts.texts,
+            tokens=embedding.tokens.to(self.device),
+            pooled=embedding.pooled.to(self.device),
         )
 
     def _use_cuda_fast_path(self) -> None:
