@@ -235,12 +235,16 @@ def run_document(document: Path, tmp: Path, long: bool) -> int:
     return ran
 
 
+@pytest.mark.timeout(
+    3600
+)  # a document's commands in order (README: ~20 runs); pyproject's 900 s is per test
 @pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: p.name)
 def test_documented_commands_run_as_written(document, tmp_path):
     run_document(document, tmp_path, long=False)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(4 * 3600)
 @pytest.mark.parametrize(
     "document",
     [d for d in DOCUMENTS if any(c.long for c in documented_commands(d))],
