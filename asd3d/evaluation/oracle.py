@@ -8,6 +8,8 @@ truth of the test prompts at the evaluation cameras and passes images in.
   its prompt when the render is closer (MSE) to the prompt's own ground truth than to the ground
   truth of every other test prompt at the same camera. Averaged over views, then prompts.
 * :class:`OracleMetrics` accumulates per-prompt values across batches and DDP ranks.
+* :func:`best_matching_variants` serves worlds with several valid scenes per prompt: every
+  metric compares a render with the valid scene of each prompt nearest to it (per view).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -23,12 +25,14 @@ __all__ = [
     "PSNR_MAX_DB",
     "OracleMetrics",
     "OracleScores",
+    "best_matching_variants",
     "mask_iou",
     "oracle_retrieval",
     "prompt_oracle_scores",
     "psnr",
     "retrieval_mse",
     "retrieves_own",
+    "take_variants",
 ]
 
 #: PSNR of identical images. A finite cap (MSE floored at 1e-10) keeps means over views and
@@ -88,6 +92,38 @@ def retrieval_mse(
     render = render.float()
     # A loop over prompts keeps the temporary at one prompt's size instead of Q x V x 3 x H x W.
     return torch.stack([(g.float() - render).square().flatten(1).mean(dim=1) for g in gt])
+
+
+def best_matching_variants(
+    render: Float[Tensor, "V 3 H W"], variants: Float[Tensor, "Q K V 3 H W"]
+) -> Int[Tensor, "Q V"]:
+    """For each prompt and view, the index of the prompt's valid scene (one of ``K``) whose
+    ground truth is nearest (MSE) to the render; the first one on ties.
+
+    A world whose prompts each allow ``K`` scenes scores a render against the best-matching
+    one: gather with ``variants[q, k[q, v], v]`` and pass the result wherever a ``Q x V``
+    ground truth is expected (``K = 1`` gives back the single ground truth).
+    """
+    if variants.ndim != 6 or variants.shape[2:] != render.shape:
+        raise ValueError(
+            f"best_matching_variants: variants {tuple(variants.shape)} does not match render "
+            f"{tuple(render.shape)} (expected Q x K x V x 3 x H x W)"
+        )
+    render = render.float()
+    # One prompt at a time keeps the temporary at K x V x 3 x H x W.
+    return torch.stack(
+        [(g.float() - render).square().flatten(2).mean(dim=2).argmin(dim=0) for g in variants]
+    )
+
+
+def take_variants(
+    variants: Float[Tensor, "Q K V ..."], index: Int[Tensor, "Q V"]
+) -> Float[Tensor, "Q V ..."]:
+    """``out[q, v] = variants[q, index[q, v], v]``."""
+    q, _, v = variants.shape[:3]
+    rows = torch.arange(q, device=variants.device).view(q, 1).expand(q, v)
+    views = torch.arange(v, device=variants.device).view(1, v).expand(q, v)
+    return variants[rows, index.to(variants.device), views]
 
 
 def retrieves_own(mse: Float[Tensor, "Q V"], own: int) -> Bool[Tensor, " V"]:

@@ -81,11 +81,13 @@ def render_views(
     # One view per draw: index() drops the sampler's views-per-prompt grouping.
     sampled = sampled.index(torch.arange(len(sampled)))
     prompt_ids = torch.arange(len(prompts)).repeat_interleave(views_per_prompt)
+    # Each view shows one of its prompt's valid scenes, uniformly (all 0 in a one-scene world).
+    variants = torch.randint(ground_truth.num_variants, (len(sampled),), generator=generator)
     images = torch.empty(len(sampled), 3, resolution, resolution, dtype=torch.uint8)
     for start in tqdm(range(0, len(sampled), chunk), desc="rendering ground truth", unit="chunk"):
         rows = torch.arange(start, min(start + chunk, len(sampled)))
         texts = [prompts[i] for i in prompt_ids[rows].tolist()]
-        rgb = ground_truth(texts, sampled.index(rows), resolution).rgb
+        rgb = ground_truth(texts, sampled.index(rows), resolution, variants[rows].tolist()).rgb
         images[rows] = (rgb.clamp(0, 1) * 255.0).round().to(torch.uint8)
     return RenderDataset(
         tuple(prompts), images, prompt_ids, sampled.flat_matrix().contiguous(), sampled.fovy

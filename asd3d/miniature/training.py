@@ -6,6 +6,14 @@ The standard DDPM objective (Ho et al. 2020; REFERENCE.md §1's forward process
 ``pi`` in ``[-1, 1]``, and the prompt replaced by the empty prompt on a ``condition_dropout``
 fraction of rows so that one network also gives the unconditional prediction (classifier-free
 guidance). The camera is never dropped: both CFG branches see it, as in MVDream.
+
+Two sources of images: a fixed set of ``views_per_prompt`` cached renders per train prompt
+(``data.stream: null``, the 16-prompt recipe), or a :class:`~asd3d.miniature.stream.RenderStream`
+of fresh renders of prompts drawn from the whole corpus (``data.stream``, the grammar-wide
+recipe). ``resume_file`` names one self-contained file (model, EMA, optimizer, rate schedule,
+random state, step, log) rewritten every ``resume_every_minutes``: a run that stops, on this
+machine or a fresh clone elsewhere, continues from it with the same command (the stream
+re-renders its buffer from the step).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from tqdm import tqdm
 from asd3d.distiller.math import add_noise
 from asd3d.io import CONFIG_KEY, atomic_torch_save, atomic_write_text, load_checkpoint
 from asd3d.miniature.dataset import RenderDataset, load_or_render
+from asd3d.miniature.stream import RenderStream
 from asd3d.prior.miniature import CLASS_LABELS, INPUT_CHANNELS, METADATA_FILE, unet_prediction
 from asd3d.prior.schedule import ddpm_alphas_cumprod, gather_abar
 from asd3d.schedules import warmup_cosine
@@ -58,6 +67,21 @@ def dataset_from_config(cfg: DictConfig) -> RenderDataset:
         instantiate(cfg.ground_truth),
         int(cfg.data.seed),
         settings,
+    )
+
+
+def stream_from_config(cfg: DictConfig) -> RenderStream:
+    """The stream of fresh training renders ``cfg.data.stream`` describes."""
+    stream = cfg.data.stream
+    return RenderStream(
+        instantiate(cfg.corpus),
+        instantiate(cfg.cameras),
+        instantiate(cfg.ground_truth),
+        int(cfg.data.resolution),
+        int(cfg.data.seed),
+        int(stream.chunk_size),
+        int(stream.buffer_chunks),
+        int(stream.refresh_every_n_steps),
     )
 
 
@@ -99,6 +123,28 @@ def _check(cfg: DictConfig) -> None:
         )
     if not 0.0 <= float(train.ema_decay) < 1.0:
         raise ValueError(f"train.ema_decay={train.ema_decay} must be in [0, 1)")
+    if cfg.resume_file and not float(cfg.resume_every_minutes) > 0:
+        raise ValueError(f"resume_every_minutes={cfg.resume_every_minutes} must be > 0")
+
+
+# Sections a resume file must share with the config that resumes it (they define the run).
+_RUN_SECTIONS = ("corpus", "cameras", "ground_truth", "text_encoder", "data", "unet", "schedule")
+
+
+def _check_resumable(state: dict, cfg: DictConfig, path: str) -> None:
+    saved = state[CONFIG_KEY]
+    for section in _RUN_SECTIONS:
+        # Where the cache lives and how many test prompts are scored do not change training.
+        ignored = ("cache_dir", "num_test_prompts")
+        ours = cast(dict, OmegaConf.to_container(cfg[section], resolve=True))
+        ours = {k: v for k, v in ours.items() if k not in ignored}
+        # Keys added to the config since the file was written read as null (their default).
+        saved_section = {k: saved[section].get(k) for k in ours}
+        if saved_section != ours:
+            raise ValueError(
+                f"{path} was written with other {section} settings; resume with "
+                f"the config it was started with, or set resume_file to a new path"
+            )
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
@@ -147,6 +193,21 @@ def export_pretrained(
     return out
 
 
+def export_resume_file(path: str | Path, cfg: DictConfig, out: Path) -> Path:
+    """Export the EMA weights of a resume file (a run still training) as a diffusers directory
+    ``out``, so the run can be measured while it goes on."""
+    from diffusers.training_utils import EMAModel
+
+    state = load_checkpoint(path)
+    _check_resumable(state, cfg, str(path))
+    unet = instantiate(cfg.unet)
+    ema = EMAModel(unet.parameters(), decay=float(cfg.train.ema_decay))
+    ema.load_state_dict(state["ema"])
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    return export_pretrained(unet, cfg, [], int(state["step"]), out)
+
+
 def run_prior_training(cfg: DictConfig) -> dict:
     """Train, checkpoint, export and evaluate the miniature prior; returns the evaluation."""
     from diffusers.training_utils import EMAModel
@@ -158,10 +219,12 @@ def run_prior_training(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(int(cfg.seed))
-    data = dataset_from_config(cfg)
     encoder = instantiate(cfg.text_encoder)
-    prompt_tokens = encoder.encode(list(data.prompts)).tokens  # P x L x D
     empty_tokens = encoder.encode([""]).tokens  # 1 x L x D
+    stream = stream_from_config(cfg) if cfg.data.stream else None
+    if stream is None:
+        data = dataset_from_config(cfg)
+        prompt_tokens = encoder.encode(list(data.prompts)).tokens  # P x L x D
     alphas_cumprod = ddpm_alphas_cumprod(
         int(cfg.schedule.num_train_timesteps),
         float(cfg.schedule.beta_start),
@@ -186,17 +249,30 @@ def run_prior_training(cfg: DictConfig) -> dict:
     generator = torch.Generator().manual_seed(int(cfg.seed))
     log_path = out / "train_log.csv"
     step, elapsed, rows = 0, 0.0, []
-    if cfg.ckpt_path:
-        state = load_checkpoint(cfg.ckpt_path)
+    resume_file = Path(cfg.resume_file) if cfg.resume_file else None
+    resume_from = cfg.ckpt_path or (resume_file if resume_file and resume_file.is_file() else None)
+    if resume_from:
+        state = load_checkpoint(resume_from)
+        _check_resumable(state, cfg, str(resume_from))
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         step, elapsed = int(state["step"]), float(state["elapsed_s"])
-        rows = _read_log(Path(cfg.ckpt_path).parent.parent / "train_log.csv", step)
+        rows = (
+            state["log"]
+            if "log" in state
+            else _read_log(Path(resume_from).parent.parent / "train_log.csv", step)
+        )
+        print(f"resumed from {resume_from} at step {step}")
+    if stream is not None:
+        stream.start(step)
+        data_size = len(stream)
+    else:
+        data_size = len(data)
 
-    def save_checkpoint() -> None:
+    def save_checkpoint(path: Path) -> None:
         atomic_torch_save(
             {
                 CONFIG_KEY: OmegaConf.to_container(cfg, resolve=True),
@@ -207,21 +283,34 @@ def run_prior_training(cfg: DictConfig) -> dict:
                 "generator": generator.get_state(),
                 "step": step,
                 "elapsed_s": elapsed,
+                "log": rows,
             },
-            out / "checkpoints" / "last.ckpt",
+            path,
         )
+
+    def save_resume_file() -> None:
+        assert resume_file is not None
+        save_checkpoint(resume_file)
+        _write_log(resume_file.parent / "train_log.csv", rows)
 
     batch, dropout = int(train.batch_size), float(train.condition_dropout)
     bar = tqdm(total=int(train.max_steps), initial=step, desc="training prior", unit="step")
     started, started_step = time.perf_counter(), step
     elapsed_before = elapsed
-    while step < int(train.max_steps):
-        index = torch.randint(len(data), (batch,), generator=generator)
-        x0, prompt_ids, cameras, fovy = data.batch(index)
+    last_resume_save = time.perf_counter()
+    stop_at = int(train.max_steps) if cfg.stop_at_step is None else int(cfg.stop_at_step)
+    while step < min(stop_at, int(train.max_steps)):
+        index = torch.randint(data_size, (batch,), generator=generator)
+        if stream is not None:
+            x0, texts, cameras, fovy = stream.batch(index)
+            batch_tokens = encoder.encode(texts).tokens
+        else:
+            x0, prompt_ids, cameras, fovy = data.batch(index)
+            batch_tokens = prompt_tokens[prompt_ids]
         t = torch.randint(0, alphas_cumprod.shape[0], (batch,), generator=generator)
         eps = torch.randn(x0.shape, generator=generator)
         dropped = torch.rand(batch, generator=generator) < dropout
-        tokens = torch.where(dropped.view(-1, 1, 1), empty_tokens, prompt_tokens[prompt_ids])
+        tokens = torch.where(dropped.view(-1, 1, 1), empty_tokens, batch_tokens)
         loss = diffusion_loss(
             unet,
             x0,
@@ -258,12 +347,24 @@ def run_prior_training(cfg: DictConfig) -> dict:
             bar.set_postfix(loss=f"{loss.item():.4f}")
             _write_log(log_path, rows)
         if step % int(train.checkpoint_every_n_steps) == 0 or step == int(train.max_steps):
-            save_checkpoint()
+            save_checkpoint(out / "checkpoints" / "last.ckpt")
+        if resume_file is not None and (
+            time.perf_counter() - last_resume_save >= 60.0 * float(cfg.resume_every_minutes)
+            or step in (stop_at, int(train.max_steps))
+        ):
+            save_resume_file()
+            last_resume_save = time.perf_counter()
+        if stream is not None:
+            stream.advance(step)
     bar.close()
+    if step < int(train.max_steps):  # stopped early on purpose: the resume file carries on
+        print(f"stopped at step {step} of {train.max_steps} (stop_at_step)")
+        return {"stopped_at_step": step}
 
     ema.copy_to(unet.parameters())  # the exported weights are the EMA's
     unet.eval()
-    export_dir = export_pretrained(unet, cfg, list(data.prompts), step, Path(cfg.export_dir))
+    prompts = list(data.prompts) if stream is None else []  # a stream has no fixed prompt list
+    export_dir = export_pretrained(unet, cfg, prompts, step, Path(cfg.export_dir))
     if export_dir.resolve() != out.resolve():  # the recipe travels with the weights
         _write_log(export_dir / "train_log.csv", rows)
         atomic_write_text(export_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

@@ -12,6 +12,12 @@ the corpus (the prompt's own scene plus ``K - 1`` others chosen by a hash of the
 is no hidden randomness): responsibilities ``r_k ∝ exp(-|x_t - a mu_k|^2 / (2 (a^2 s^2 + sigma^2)))``
 and ``eps_hat = sigma (x_t - a sum_k r_k mu_k) / (a^2 s^2 + sigma^2)``. Guidance is then strong
 far from the prompt and vanishes once the image is clearly the prompt, as with a real prior.
+
+In a world with ``V > 1`` valid scenes per prompt (``ground_truth.variants``,
+``asd3d.world.variation``) the clean images of a prompt are the equal-weight mixture of the
+Gaussians around its ``V`` scenes' renders, and the same formulas hold with one component per
+scene: the conditional branch mixes the prompt's own ``V`` scenes, the unconditional branch the
+``K x V`` scenes of its ``K`` prompts. The denoiser stays exact (Bayes-optimal) for that mixture.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ class ProceduralPrior(Prior):
         text_dim: embedding width the generators are built for (checked against the encoder).
         resolution: side of the (square) pixel-space images the prior works on.
         data_std: ``s``, the spread of clean images around the ground-truth render.
-        mixture_size: ``K``, scenes in the unconditional mixture (own scene included).
+        mixture_size: ``K``, prompts in the unconditional mixture (own prompt included), each
+            with all its valid scenes.
         ground_truth: renders the analytic scenes (the means ``mu``).
         num_train_timesteps, beta_start, beta_end, beta_schedule: the DDPM schedule (SD's).
         seed: picks the mixture's other scenes (with the prompt's hash).
@@ -117,7 +124,7 @@ class ProceduralPrior(Prior):
         abar = gather_abar(self.alphas_cumprod, t).to(x_t.dtype)
         a, sigma = abar.sqrt(), (1.0 - abar).sqrt()
         variance = a.square() * self.data_std**2 + sigma.square()
-        means = self.mixture_means(condition)  # N x K x 3 x r x r
+        means = self.mixture_means(condition)  # N x (K V) x 3 x r x r
         # Responsibilities of each mixture component (one component on conditional rows).
         sq_dist = (x_t.unsqueeze(1) - a.unsqueeze(1) * means).square().flatten(2).sum(-1)
         logits = -sq_dist / (2.0 * variance.view(-1, 1))
@@ -146,35 +153,40 @@ class ProceduralPrior(Prior):
         self._mixture_cache[text] = [text, *others]
         return self._mixture_cache[text]
 
-    def _component_mask(self, condition: Condition, k: int) -> Tensor:
+    def _component_mask(self, condition: Condition, components: int) -> Tensor:
+        """Conditional rows use only their own prompt's scenes (the first ``V`` components)."""
         mask = torch.ones(
-            len(condition), k, dtype=torch.bool, device=condition.unconditional.device
+            len(condition), components, dtype=torch.bool, device=condition.unconditional.device
         )
-        mask[~condition.unconditional, 1:] = False
+        mask[~condition.unconditional, self.ground_truth.num_variants :] = False
         return mask
 
-    def mixture_means(self, condition: Condition) -> Float[Tensor, "N K 3 r r"]:
-        """Ground-truth means ``2 render - 1`` per row and component, each render done once."""
-        k = self.mixture_size
-        keys: dict[tuple[str, int], int] = {}
-        jobs: list[tuple[str, int]] = []
+    def mixture_means(self, condition: Condition) -> Float[Tensor, "N KV 3 r r"]:
+        """Ground-truth means ``2 render - 1`` per row and component (prompt-major, then
+        scene), each render done once. Conditional rows fill the unused components with their
+        own scenes (masked out of the mixture)."""
+        variants = self.ground_truth.num_variants
+        keys: dict[tuple[str, int, int], int] = {}
+        jobs: list[tuple[str, int, int]] = []
         camera_keys = self._camera_ids(condition.cameras)
-        slots = torch.empty(len(condition), k, dtype=torch.long)
+        slots = torch.empty(len(condition), self.mixture_size * variants, dtype=torch.long)
         for row, (text, uncond) in enumerate(
             zip(condition.texts, condition.unconditional.tolist())
         ):
             prompts = self.mixture_prompts(text) if uncond else [text]
-            for j in range(k):
-                key = (prompts[min(j, len(prompts) - 1)], camera_keys[row])
-                if key not in keys:
-                    keys[key] = len(jobs)
-                    jobs.append(key)
-                slots[row, j] = keys[key]
+            for j in range(self.mixture_size):
+                for variant in range(variants):
+                    key = (prompts[min(j, len(prompts) - 1)], variant, camera_keys[row])
+                    if key not in keys:
+                        keys[key] = len(jobs)
+                        jobs.append(key)
+                    slots[row, j * variants + variant] = keys[key]
         images = self.render_ground_truth(
-            [text for text, _ in jobs],
+            [text for text, _, _ in jobs],
             condition.cameras.index(
-                torch.tensor([row_of[1] for row_of in jobs]).to(condition.cameras.c2w.device)
+                torch.tensor([job[2] for job in jobs]).to(condition.cameras.c2w.device)
             ),
+            [job[1] for job in jobs],
         )
         return (images * 2.0 - 1.0)[slots.to(images.device)]
 
@@ -187,6 +199,9 @@ class ProceduralPrior(Prior):
         return [first.setdefault(int(group), row) for row, group in enumerate(inverse.tolist())]
 
     @torch.no_grad()
-    def render_ground_truth(self, texts: list[str], cameras: Cameras) -> Float[Tensor, "N 3 r r"]:
-        """Ground-truth renders of ``texts[i]`` from ``cameras[i]``, in ``[0, 1]``."""
-        return self.ground_truth(texts, cameras, self.resolution).rgb
+    def render_ground_truth(
+        self, texts: list[str], cameras: Cameras, variants: list[int] | None = None
+    ) -> Float[Tensor, "N 3 r r"]:
+        """Ground-truth renders of scene ``variants[i]`` (default 0) of ``texts[i]`` from
+        ``cameras[i]``, in ``[0, 1]``."""
+        return self.ground_truth(texts, cameras, self.resolution, variants).rgb

@@ -30,6 +30,18 @@ Sizes are scales ``0.18 / 0.25 / 0.32`` (a unit primitive spans about ``[-1, 1]`
 object is ~5 pixels wide in a 32x32 render at distance 1.5 and 70 degrees of field of view: the
 scene fills most of the evaluation views, as a real object does.
 
+Scene variation (``asd3d.world.variation``): ``layout`` takes optional lateral offsets, one per
+relation, that slide object ``j + 1``'s anchor (object ``j``'s centre) across the relation
+direction before the placement above: horizontally for ``on top of`` / ``under`` (the upper
+object's centre stays over the lower one's footprint), along the other horizontal axis for the
+axis-aligned horizontal relations, and along the other diagonal for ``next to``; a coefficient
+of ``+-1`` moves the anchor by the lower object's half extent along that axis for vertical
+relations (the upper object's centre stays over the lower one's footprint), by the larger of the
+two objects' half extents for horizontal ones (the smaller one's centre stays within the larger
+one's span). The relation
+still holds and nothing overlaps (the placement clears the whole group's box from the shifted
+anchor). Without offsets the layout is the canonical one described above.
+
 Note: "A on top of B" and "B under A" (and the left/right, front/behind pairs) describe the same
 geometry; they are different prompts with equal scenes.
 """
@@ -38,6 +50,8 @@ from __future__ import annotations
 
 import functools
 import math
+import random
+import zlib
 from collections.abc import Iterable, Sequence
 
 from asd3d.world.primitives import PRIMITIVES
@@ -88,6 +102,19 @@ _RELATION_WORDS = {tuple(phrase.split()): i for i, (phrase, _, _) in enumerate(R
 
 # A prompt as digits: object codes (k of them) and relation ids (k - 1).
 Terms = tuple[tuple[int, ...], tuple[int, ...]]
+# Lateral offset coefficients in [-1, 1], per relation one per lateral axis (lateral_axes).
+Offsets = tuple[tuple[float, ...], ...]
+
+
+def lateral_axes(relation: int) -> tuple[tuple[float, float, float], ...]:
+    """Unit directions across relation ``relation`` along which its object may slide: the two
+    horizontal axes for vertical relations, the other horizontal axis (or diagonal) otherwise."""
+    dx, dy, dz = RELATIONS[relation][1]
+    if abs(dz) > 0.5:
+        return ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
+    if abs(dx) > 1e-9 and abs(dy) > 1e-9:
+        return ((-_DIAGONAL, _DIAGONAL, 0.0),)
+    return ((0.0, 1.0, 0.0),) if abs(dx) > 1e-9 else ((1.0, 0.0, 0.0),)
 
 
 def block_size(count: int) -> int:
@@ -200,9 +227,20 @@ def _place(
     )
 
 
-def layout(terms: Terms) -> SceneSpec:
-    """The scene of a prompt's digits (placement rules in the module docstring)."""
+def _lateral_reach(direction: Sequence[float], first_half: float, second_half: float) -> float:
+    """Largest lateral offset a relation allows along one axis, given the half extents there of
+    the related objects (module docstring)."""
+    if abs(direction[2]) > 0.5:  # vertical: the lower object's footprint
+        return second_half if direction[2] > 0 else first_half
+    return max(first_half, second_half)
+
+
+def layout(terms: Terms, offsets: Offsets | None = None) -> SceneSpec:
+    """The scene of a prompt's digits (placement rules in the module docstring), with the
+    anchors of its relations slid by ``offsets`` (``None``: the canonical layout)."""
     objects, relations = terms
+    if offsets is not None and len(offsets) != len(relations):
+        raise ValueError(f"{len(offsets)} offsets for {len(relations)} relations")
     words = []
     for code in objects:
         rest, size = divmod(code, len(SIZES))
@@ -217,7 +255,22 @@ def layout(terms: Terms) -> SceneSpec:
         _, direction, gap = RELATIONS[relation]
         # Object j is `relation` of object j + 1, so j + 1 lies opposite to the direction.
         opposite = tuple(-d for d in direction)
-        centre = _place(centres[j], opposite, gap, lo, hi, halves[j + 1])
+        anchor = centres[j]
+        if offsets is not None:
+            axes = lateral_axes(relation)
+            if len(offsets[j]) != len(axes):
+                raise ValueError(
+                    f"relation {RELATIONS[relation][0]!r} takes {len(axes)} offset "
+                    f"coefficients, got {len(offsets[j])}"
+                )
+            for coefficient, axis in zip(offsets[j], axes, strict=True):
+                reach = min(
+                    _lateral_reach(direction, halves[j][k], halves[j + 1][k])
+                    for k in range(3)
+                    if abs(axis[k]) > 1e-9
+                )
+                anchor = tuple(a + coefficient * reach * u for a, u in zip(anchor, axis))
+        centre = _place(anchor, opposite, gap, lo, hi, halves[j + 1])
         centres.append(centre)
         lo = [min(lo[k], centre[k] - halves[j + 1][k]) for k in range(3)]
         hi = [max(hi[k], centre[k] + halves[j + 1][k]) for k in range(3)]
@@ -317,3 +370,61 @@ class PromptGrammar:
         """The scene of a prompt text allowed by this grammar."""
         self.encode(text)  # validates the object count
         return parse(text)
+
+
+ATTRIBUTE_SLOTS = ("size", "colour", "shape")
+"""The attributes of an object a one-attribute change may alter (besides a relation)."""
+
+
+def one_attribute_changes(text: str, count: int, seed: int) -> list[str]:
+    """``count`` distinct prompts that differ from ``text`` in exactly one attribute.
+
+    The slots are visited in turn (each object's size, colour and shape, then each relation;
+    around again when ``count`` exceeds their number) and each visit draws a value the slot does
+    not already hold, without repeating a prompt; draws depend only on ``text`` and ``seed``.
+    These are the hardest distractors for retrieval: a sample names its prompt against them only
+    if it gets every attribute right.
+    """
+    objects, relations = parse_terms(text)
+    slots = [(j, a) for j in range(len(objects)) for a in range(len(ATTRIBUTE_SLOTS))]
+    slots += [(j, -1) for j in range(len(relations))]
+    choices = {(j, a): _alternatives(objects, relations, j, a) for j, a in slots}
+    total = sum(len(values) for values in choices.values())
+    if not 0 <= count <= total:
+        raise ValueError(f"{text!r} has {total} one-attribute changes; asked for {count}")
+    rng = random.Random(zlib.crc32(f"{seed}|{text}".encode()))
+    for values in choices.values():
+        rng.shuffle(values)
+    changed: list[str] = []
+    turn = 0
+    while len(changed) < count:
+        values = choices[slots[turn % len(slots)]]
+        turn += 1
+        if values:
+            changed.append(terms_text(values.pop()))
+    return changed
+
+
+def _alternatives(
+    objects: tuple[int, ...], relations: tuple[int, ...], j: int, attribute: int
+) -> list[Terms]:
+    """Every prompt with object ``j``'s ``attribute`` (or relation ``j``, ``attribute = -1``)
+    changed to another value."""
+    if attribute < 0:
+        return [
+            (objects, relations[:j] + (r,) + relations[j + 1 :])
+            for r in range(len(RELATIONS))
+            if r != relations[j]
+        ]
+    rest, size = divmod(objects[j], len(SIZES))
+    shape, colour = divmod(rest, len(COLOURS))
+    digits = [size, colour, shape]
+    out = []
+    for value in range((len(SIZES), len(COLOURS), len(SHAPES))[attribute]):
+        if value == digits[attribute]:
+            continue
+        new = list(digits)
+        new[attribute] = value
+        code = (new[2] * len(COLOURS) + new[1]) * len(SIZES) + new[0]
+        out.append((objects[:j] + (code,) + objects[j + 1 :], relations))
+    return out

@@ -94,3 +94,31 @@ def test_bad_split_and_index():
         corpus.prompt("train", 10)
     with pytest.raises(IndexError, match=r"outside \[0, 2\) of split 'test'"):
         corpus.scene("test", 2)
+
+
+def test_unseen_pairs_split_holds_out_object_combinations_not_objects():
+    from asd3d.corpus.procedural import has_heldout_pair
+
+    corpus = ProceduralCorpus(3000, 200, "unseen_pairs", object_counts=[2], seed=0)
+    train = corpus.prompts("train", range(3000))
+    test = corpus.prompts("test", range(200))
+    assert not set(train) & set(test)
+
+    def pairs(texts):
+        out = set()
+        for text in texts:
+            objects = PromptGrammar([2]).terms(PromptGrammar([2]).encode(text))[0]
+            out.add(tuple(sorted(objects)))
+        return out
+
+    assert not pairs(train) & pairs(test)  # no test pair ever appears in train
+    test_objects = {o for pair in pairs(test) for o in pair}
+    train_objects = {o for pair in pairs(train) for o in pair}
+    assert len(test_objects - train_objects) <= 2  # test objects are (nearly all) known
+    for text in test:
+        objects = PromptGrammar([2]).terms(PromptGrammar([2]).encode(text))[0]
+        assert has_heldout_pair(objects, 0, 0.1)
+    with pytest.raises(ValueError, match="heldout_pair_fraction"):
+        ProceduralCorpus(10, 2, "unseen_pairs", heldout_pair_fraction=1.0)
+    with pytest.raises(ValueError, match="object pairs"):
+        ProceduralCorpus(10, 2, "unseen_pairs", object_counts=[1])

@@ -204,3 +204,21 @@ def test_oracle_metrics_reset_and_validation():
     assert metric.compute()["psnr"].item() == pytest.approx(15.0)
     with pytest.raises(ValueError, match="one value per prompt"):
         metric.update(torch.ones(2), torch.ones(3), torch.ones(2))
+
+
+def test_best_matching_variant_scores_any_valid_scene_as_the_scene_itself():
+    from asd3d.evaluation.oracle import best_matching_variants, take_variants
+
+    g = torch.Generator().manual_seed(0)
+    variants = torch.rand(4, 3, 2, 3, 5, 5, generator=g)  # Q=4 prompts, K=3 scenes, V=2 views
+    render = torch.stack([variants[1, 2, 0], variants[1, 0, 1]])  # prompt 1, a scene per view
+    index = best_matching_variants(render, variants)
+    assert index[1].tolist() == [2, 0]
+    matched = take_variants(variants, index)
+    assert matched.shape == (4, 2, 3, 5, 5)
+    assert oracle_retrieval(render, matched, own=1).all()
+    assert (psnr(render, matched[1]) == 100.0).all()
+    # Against the canonical scene alone, the same render would not retrieve its prompt.
+    assert not oracle_retrieval(render, variants[:, 0], own=1).all()
+    with pytest.raises(ValueError, match="Q x K x V"):
+        best_matching_variants(render, variants[:, :, :1])

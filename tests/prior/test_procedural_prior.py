@@ -112,3 +112,27 @@ def test_procedural_prior_refuses_a_prompt_library(world, shared_corpora):
     corpus = PromptLibraryCorpus(shared_corpora / "magic3d_15_prompt_library.json")
     with pytest.raises(Exception, match="corpus=procedural"):
         instantiate(cfg.prior, corpus=corpus)
+
+
+def test_several_scenes_per_prompt_give_a_mixture_over_the_prompts_own_scenes(tmp_path):
+    """With ground_truth.variants = 3 the conditional branch is the exact denoiser of the
+    mixture over the prompt's three scenes: near any one of them at small t it recovers that
+    scene's noise, and far from all of them it points between them."""
+    cfg = compose_train(
+        [*TINY, "corpus.num_prompts=8", "+ground_truth.variants=3"], tmp_path / "run"
+    )
+    parts = build_parts(cfg)
+    prior = parts.prior
+    prior.data_std = 1e-4
+    text = "a small red cube to the left of a large blue sphere"
+    cams, conditions = setup_batch(parts, [text])
+    t = torch.tensor([30])
+    eps = torch.randn(1, 3, prior.resolution, prior.resolution, generator=torch.Generator())
+    for variant in range(3):
+        image = prior.render_ground_truth([text], cams, [variant])
+        x_t = noisy(prior, [text], cams, t, eps, image=image)
+        torch.testing.assert_close(
+            prior.predict_eps(x_t, t, conditions.positive), eps, atol=2e-3, rtol=0
+        )
+    scenes = torch.cat([prior.render_ground_truth([text], cams, [k]) for k in range(3)])
+    assert (scenes[1:] - scenes[0]).abs().amax() > 0.3  # the scenes differ visibly
