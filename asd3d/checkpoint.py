@@ -280,7 +280,8 @@ def load_trained_system(path: str | Path, overrides: Sequence[str] = (), map_loc
     checkpoint = load_checkpoint(path)
     recipe = RunRecipe.from_checkpoint(checkpoint, where)
     cfg = compose_run_config(recipe, overrides, run_dir=path.resolve().parent.parent)
-    system = build_system(cfg, OmegaConf.to_container(cfg, resolve=True))  # never the stored one
+    run_config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    system = build_system(cfg, run_config)  # the composed config, never the stored one
     system.run_recipe = recipe.as_dict()
     check_loadable_state(system, checkpoint["state_dict"], where)
     system.load_state_dict(checkpoint["state_dict"])

@@ -248,7 +248,8 @@ def run_prior_training(cfg: DictConfig) -> dict:
     ema = EMAModel(unet.parameters(), decay=float(train.ema_decay), use_ema_warmup=True, power=0.75)
     generator = torch.Generator().manual_seed(int(cfg.seed))
     log_path = out / "train_log.csv"
-    step, elapsed, rows = 0, 0.0, []
+    step, elapsed = 0, 0.0
+    rows: list[dict] = []
     resume_file = Path(cfg.resume_file) if cfg.resume_file else None
     resume_from = cfg.ckpt_path or (resume_file if resume_file and resume_file.is_file() else None)
     if resume_from:

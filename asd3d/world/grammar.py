@@ -269,7 +269,10 @@ def layout(terms: Terms, offsets: Offsets | None = None) -> SceneSpec:
                     for k in range(3)
                     if abs(axis[k]) > 1e-9
                 )
-                anchor = tuple(a + coefficient * reach * u for a, u in zip(anchor, axis))
+                ax, ay, az = (
+                    a + coefficient * reach * u for a, u in zip(anchor, axis, strict=True)
+                )
+                anchor = (ax, ay, az)
         centre = _place(anchor, opposite, gap, lo, hi, halves[j + 1])
         centres.append(centre)
         lo = [min(lo[k], centre[k] - halves[j + 1][k]) for k in range(3)]

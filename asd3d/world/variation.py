@@ -38,7 +38,7 @@ def variant_offsets(terms: Terms, variant: int, seed: int) -> Offsets:
         return tuple(tuple(0.0 for _ in lateral_axes(r)) for r in relations)
     key = f"{seed}|{variant}|{terms}".encode()
     rng = random.Random(zlib.crc32(key))
-    offsets = []
+    offsets: list[tuple[float, ...]] = []
     for relation in relations:
         magnitude = rng.uniform(MIN_OFFSET, 1.0)
         if len(lateral_axes(relation)) == 2:
