@@ -12,6 +12,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import asd3d  # noqa: F401  (registers the config's ${asd3d.cwd:} resolver)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="demo")
 def main(cfg: DictConfig) -> None:

@@ -14,7 +14,11 @@ commands makes gets README's quickstart, trained for 2 steps), with:
 * a trailing comment naming a duration in minutes or hours, or ``network`` -> ``slow``: the slow
   test runs the whole document in order; the fast one skips the long commands and any later
   command that needs their outputs (a placeholder nothing matches), saying so;
-* ``make test`` / ``make test-slow`` (this suite itself) -> ``make -n``.
+* ``make test`` / ``make test-slow`` (this suite itself) -> ``make -n``;
+* ``pip install ...`` -> skipped, saying why: it would reinstall the environment this suite runs
+  in (``make venv`` installs it from the same ``pyproject.toml``);
+* a server (:data:`SERVERS`: ``python demo.py ...``) -> started as written, passes once it says it
+  is serving and its page answers on loopback, then stopped.
 
 New commands in any document are picked up without editing this file.
 """
@@ -27,6 +31,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +54,9 @@ LENGTH = {
     "asd3d.claims.gradient_norms": ["images.num_prompts=2"],
 }
 SUITE_TARGETS = {"test", "test-slow"}
+SERVERS = {"demo.py"}  # entry points that serve until stopped
+SERVING = re.compile(r"Running on local URL:\s*(http://\S+)")
+SERVER_READY_S = 600
 # What a document that names ``outputs/train/runs/<time>`` without making it assumes exists.
 PREREQUISITE = ["python", "train.py", "experiment=quickstart", "trainer.max_steps=2"]
 TIMEOUT_S = 1200
@@ -165,6 +173,8 @@ def command_line(command: Command, root: Path) -> list[str] | str:
     """What to run (argv for bash), or a reason to skip."""
     text = command.text
     argv = shlex.split(text)
+    if "pip" in argv and "install" in argv:
+        return "installs packages: it would reinstall the environment this suite runs in"
     if argv[0] == "make":
         dry = command.composed_only or bool(SUITE_TARGETS & set(argv[1:]))
         return ["make", "-n", *argv[1:]] if dry else argv
@@ -190,6 +200,52 @@ def with_length(argv: list[str], length: list[str]) -> list[str]:
     replaced = [keys.pop(a.split("=", 1)[0], a) if "=" in a else a for a in argv]
     flags = next((i for i, a in enumerate(replaced) if i > 1 and a.startswith("--")), len(replaced))
     return [*replaced[:flags], *keys.values(), *replaced[flags:]]
+
+
+def serve_once(argv: list[str], root: Path, env: dict[str, str]) -> str | None:
+    """Start a server command as written; ``None`` once it serves a page on loopback, else what
+    went wrong. The server is stopped (SIGINT, as Ctrl+C) either way."""
+    import signal
+    import threading
+    import urllib.request
+
+    server = subprocess.Popen(
+        argv, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+    url: list[str] = []
+
+    def read() -> None:
+        assert server.stdout is not None
+        for line in server.stdout:
+            lines.append(line)
+            found = SERVING.search(line)
+            if found and not url:
+                url.append(found.group(1))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + SERVER_READY_S
+        while not url and server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if not url:
+            return f"never said it was serving:\n{''.join(lines)[-2000:]}"
+        # 0.0.0.0 (all interfaces) is reached on loopback.
+        page = url[0].replace("0.0.0.0", "127.0.0.1")
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only
+        with direct.open(page, timeout=60) as response:
+            if response.status != 200:
+                return f"served {page} with HTTP {response.status}"
+        return None
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        reader.join(timeout=10)
 
 
 def run_document(document: Path, tmp: Path, long: bool) -> int:
@@ -222,6 +278,12 @@ def run_document(document: Path, tmp: Path, long: bool) -> int:
             print(f"{command.where}: skipped: {argv}")
             continue
         print(f"{command.where}: {shlex.join(argv)}")
+        if entry_name(argv) in SERVERS and "--cfg" not in argv:
+            problem = serve_once(argv, root, env)
+            if problem:
+                failures.append(f"{command.where}: `{command.text}` {problem}")
+            ran += 1
+            continue
         result = subprocess.run(
             argv, cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
         )
