@@ -125,7 +125,8 @@ class NonFiniteGuard(pl.Callback):
         ]
         checks = [*self._checks, *(torch.isfinite(g).all() for g in grads)]
         self._checks = []
-        finite = bool(torch.stack(checks).all()) if checks else True  # one device sync
+        # The one deliberate read-back of a training step: whether to take it.
+        finite = bool(torch.stack(checks).all()) if checks else True
         if trainer.strategy.reduce_boolean_decision(not finite, all=False):
             optimizer.zero_grad(set_to_none=True)  # no gradient: the step changes nothing
             self.skipped += 1

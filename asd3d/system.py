@@ -8,6 +8,7 @@ a checkpoint, never wrapped by DDP, and moved to the device by hand.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,8 @@ class DistillationSystem(pl.LightningModule):
         self.oracle = oracle
         self.live_validation = live_validation or LiveValidation(video_prompts=0, table=False)
         self.image_every_n_steps = image_every_n_steps
+        self._prior_nonfinite: torch.Tensor | None = None  # running count, on the device
+        self._prior_nonfinite_warned = 0
         self.seed = seed
         self.num_workers = num_workers
         self.run_config = run_config or {}
@@ -284,9 +287,29 @@ class DistillationSystem(pl.LightningModule):
         logs.update({"train/t_min": float(t_min), "train/t_max": float(t_max)})
         self.log_dict(logs, prog_bar=False, batch_size=len(prompts))
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=len(prompts))
+        if distilled.prior_nonfinite is not None:
+            self._count_prior_nonfinite(distilled.prior_nonfinite)
         if self.image_every_n_steps and self.global_step % self.image_every_n_steps == 0:
             self._log_images("train/renders", render.rgb.detach())
         return loss
+
+    def _count_prior_nonfinite(self, count: torch.Tensor) -> None:
+        """Add up the prior's NaN/inf values on the device (no read-back); warn about new ones on
+        logging steps only, where the logs are read back anyway."""
+        total = count if self._prior_nonfinite is None else self._prior_nonfinite + count
+        self._prior_nonfinite = total
+        if not self.trainer._logger_connector.should_update_logs:
+            return
+        seen = int(total)
+        if seen > self._prior_nonfinite_warned:
+            warnings.warn(
+                f"step {self.global_step}: the prior's predictions held {seen} non-finite values "
+                f"so far ({seen - self._prior_nonfinite_warned} since the last warning); they "
+                "were set to 0 (train/prior_nonfinite)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._prior_nonfinite_warned = seen
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Only on steps whose logs are written: a few fused kernels (one per dtype and device)

@@ -9,7 +9,6 @@ surrogate ``0.5 ||z - stopgrad(z - grad)||^2 / B``, whose gradient w.r.t. ``z`` 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -167,18 +166,12 @@ def sanitize_gradient(
 ) -> tuple[Float[Tensor, "B C h w"], Int[Tensor, ""]]:
     """``nan_to_num`` then an optional element-wise clamp to ``[-clip, clip]`` (as the release).
 
-    Returns the sanitized update and the number of non-finite elements it replaced by 0. Those
-    come from the prior (a NaN/inf noise prediction): they are counted (the distillers log
-    ``train/prior_nonfinite``) and warned about rather than silently zeroed.
+    Returns the sanitized update and the number of non-finite elements it replaced by 0, as a
+    device tensor (reading it here would stall the step). Those come from the prior (a NaN/inf
+    noise prediction): the distillers log them as ``train/prior_nonfinite`` and the system warns
+    about them on logging steps, rather than zeroing them silently.
     """
     nonfinite = (~torch.isfinite(grad)).sum()
-    if nonfinite:
-        warnings.warn(
-            f"the prior's prediction held {int(nonfinite)} non-finite values in this update; "
-            "they were set to 0 (logged as train/prior_nonfinite)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
     grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
     if clip is not None:
         grad = grad.clamp(-clip, clip)

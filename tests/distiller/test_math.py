@@ -60,10 +60,9 @@ def test_surrogate_loss_gradient_is_grad_over_batch():
     torch.testing.assert_close(z.grad, grad / 3)
 
 
-def test_sanitize_gradient_counts_and_warns_about_nonfinite_values():
+def test_sanitize_gradient_counts_nonfinite_values():
     grad = torch.tensor([float("nan"), float("inf"), -5.0, 0.5])
-    with pytest.warns(RuntimeWarning, match="2 non-finite"):
-        sanitized, nonfinite = math.sanitize_gradient(grad, clip=1.0)
+    sanitized, nonfinite = math.sanitize_gradient(grad, clip=1.0)
     torch.testing.assert_close(sanitized, torch.tensor([0.0, 0.0, -1.0, 0.5]))
     assert int(nonfinite) == 2
 
