@@ -27,7 +27,12 @@ def test_launcher_runs_one_task_per_gpu_on_every_node_and_requeues(tmp_path):
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
     assert launcher.partition == "gpu"
     assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0
-    assert (cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.num_nodes) == ("ddp", 4, 2)
+    strategy = cfg.trainer.strategy._target_
+    assert (strategy, cfg.trainer.devices, cfg.trainer.num_nodes) == (
+        "pytorch_lightning.strategies.DDPStrategy",
+        4,
+        2,
+    )
 
 
 def test_trainer_takes_ranks_from_slurm_and_requeues_on_submitits_signal(tmp_path):
