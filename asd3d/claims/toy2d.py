@@ -141,7 +141,7 @@ def check_settings(cfg: DictConfig) -> list[str]:
         if name not in cfg.methods:
             raise ValueError(
                 f"run_methods has unknown method {name!r}; use one of {', '.join(cfg.methods)} "
-                "(or add one: +/distiller@methods.<name>=<distiller config>)"
+                "(add one as a `- /distiller@methods.<name>: <distiller config>` line of conf/claims/toy2d.yaml)"
             )
     if len(set(names)) != len(names):
         raise ValueError(f"run_methods={names} names a method twice")
