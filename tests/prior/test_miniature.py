@@ -49,10 +49,13 @@ TINY_PRIOR = [
 ]
 
 
-def compose_prior(overrides: list[str], output_dir: Path) -> DictConfig:
+def compose_prior(
+    overrides: list[str], output_dir: Path, config_name: str = "train_prior"
+) -> DictConfig:
+    """``conf/<config_name>.yaml`` with ``overrides``, writing into ``output_dir``."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train_prior", overrides=overrides)
+        cfg = compose(config_name, overrides=overrides)
     with open_dict(cfg):
         cfg.paths.root_dir = str(REPO)
         cfg.paths.log_dir = str(output_dir.parent)

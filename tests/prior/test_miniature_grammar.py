@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
+from test_miniature import compose_prior
 
 from asd3d.io import load_checkpoint
 from asd3d.miniature.training import run_prior_training
 
 from cli_helpers import run_entry
-from conftest import CONF, REPO
+from conftest import REPO
 
 # The grammar recipe at 8² with a UNet of a few thousand parameters: seconds per run.
 TINY_GRAMMAR = [
@@ -48,13 +47,8 @@ TINY_GRAMMAR = [
 
 
 def compose_grammar(overrides: list[str], output_dir: Path) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train_prior_grammar", overrides=overrides)
+    cfg = compose_prior(overrides, output_dir, config_name="train_prior_grammar")
     with open_dict(cfg):
-        cfg.paths.root_dir = str(REPO)
-        cfg.paths.log_dir = str(output_dir.parent)
-        cfg.paths.output_dir = str(output_dir)
         cfg.resume_file = str(output_dir.parent / "resume.pt")
     return cfg
 
